@@ -1,0 +1,185 @@
+//! The daemon: the HTTP endpoints plus a sync loop that runs at start and then on the cron
+//! schedule, until the shutdown future completes.
+//!
+//! One loop task runs every pass, so two passes never overlap; cron ticks only wake it, and
+//! ticks that arrive during a pass coalesce into one follow-up pass.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{router, Readiness};
+use crate::klarify::KlarifyClient;
+use crate::store::Store;
+use crate::sync::{run_pass, Mode, SyncError, SyncOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}; change http.listen (KLARIFY_SYNC__HTTP__LISTEN)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the scheduler failed: {0}")]
+    Scheduler(#[from] JobSchedulerError),
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Everything the daemon needs, built by `main` (or a test) from the settings.
+pub struct Daemon {
+    pub client: KlarifyClient,
+    pub store: Store,
+    pub options: SyncOptions,
+    /// 6-field cron, as returned by [`crate::schedule::parse_cron`].
+    pub cron: String,
+    pub max_staleness: Duration,
+    /// First and longest wait before a failed pass is retried (the next cron tick may come first).
+    pub retry_delays: (Duration, Duration),
+}
+
+/// A daemon whose port is bound, so tests can ask for port 0 and learn the real one.
+pub struct BoundDaemon {
+    daemon: Daemon,
+    listener: TcpListener,
+}
+
+impl Daemon {
+    pub async fn bind(self, addr: SocketAddr) -> Result<BoundDaemon, DaemonError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Bind { addr, source })?;
+        Ok(BoundDaemon { daemon: self, listener })
+    }
+}
+
+impl BoundDaemon {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves and syncs until `shutdown` completes; then lets the page in flight finish (or
+    /// drops an unfinished request) and returns.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+        let Daemon {
+            client,
+            store,
+            options,
+            cron,
+            max_staleness,
+            retry_delays,
+        } = self.daemon;
+        // Installed before the first pass so its counters are not lost.
+        crate::metrics::handle();
+        let token = CancellationToken::new();
+        let readiness = Readiness::new(store.clone(), max_staleness);
+
+        let http = {
+            let token = token.clone();
+            let app = router(readiness.clone());
+            tokio::spawn(async move {
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await
+            })
+        };
+
+        let ticks = Arc::new(Notify::new());
+        let mut scheduler = JobScheduler::new().await?;
+        let job = {
+            let ticks = ticks.clone();
+            Job::new_async(cron.as_str(), move |_, _| {
+                let ticks = ticks.clone();
+                Box::pin(async move { ticks.notify_one() })
+            })?
+        };
+        let job_id = scheduler.add(job).await?;
+        scheduler.start().await?;
+        if let Ok(Some(next)) = scheduler.next_tick_for_job(job_id).await {
+            tracing::info!(%cron, next = %next, "scheduled");
+        }
+
+        let sync = tokio::spawn({
+            let token = token.clone();
+            async move {
+                let looped = SyncLoop {
+                    client,
+                    store,
+                    options,
+                    readiness,
+                    ticks,
+                    token,
+                    retry_delays,
+                };
+                looped.run().await
+            }
+        });
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        token.cancel();
+        let _ = sync.await;
+        scheduler.shutdown().await?;
+        match http.await {
+            Ok(result) => result.map_err(DaemonError::Http),
+            Err(join) => Err(DaemonError::Http(std::io::Error::other(join))),
+        }
+    }
+}
+
+struct SyncLoop {
+    client: KlarifyClient,
+    store: Store,
+    options: SyncOptions,
+    readiness: Readiness,
+    ticks: Arc<Notify>,
+    token: CancellationToken,
+    retry_delays: (Duration, Duration),
+}
+
+impl SyncLoop {
+    async fn run(self) {
+        let mut backoff = self.backoff();
+        loop {
+            let retry_in = match run_pass(&self.client, &self.store, Mode::Incremental, &self.options, &self.token).await {
+                Ok(report) => {
+                    report.log();
+                    self.readiness.pass_succeeded();
+                    backoff = self.backoff();
+                    None
+                }
+                Err(SyncError::Interrupted) => return,
+                Err(e) => {
+                    self.readiness.pass_failed(&e);
+                    let wait = backoff.next().unwrap_or(self.retry_delays.1);
+                    tracing::error!(error = %e, retry_in = ?wait, "sync pass failed");
+                    Some(wait)
+                }
+            };
+            let retry = async {
+                match retry_in {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.ticks.notified() => {}
+                () = retry => {}
+                () = self.token.cancelled() => return,
+            }
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.retry_delays.0)
+            .with_max_delay(self.retry_delays.1)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}

@@ -1,0 +1,38 @@
+//! `--demo`: a sample organisation served in-process on loopback, changing as a real one does,
+//! so that a newcomer sees a whole sync work with no key and no network.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+
+/// Every 10 seconds, so edits made by the demo's churn show up quickly.
+pub const CRON: &str = "*/10 * * * * *";
+
+const PROCEDURES: usize = 250;
+
+/// Starts the demo organisation, which edits, adds and removes a few procedures every few seconds.
+pub async fn start() -> std::io::Result<FakeKlarify> {
+    let source = FakeKlarify::start(Organisation::generate(2024, PROCEDURES), FakeOptions::default()).await?;
+    let churn = Churn {
+        edits: 3,
+        inserts: 1,
+        deletes: 0,
+        bulk: false,
+    };
+    source.spawn_background_churn(Duration::from_secs(7), churn);
+    Ok(source)
+}
+
+/// What to look at, printed once the daemon listens.
+pub fn banner(source: &FakeKlarify, database_url: &str, http: SocketAddr) {
+    println!(
+        "\nklarify-sync demo: mirroring a sample organisation of {PROCEDURES} procedures from {} into {database_url}\n\
+         \x20 readiness: curl http://{http}/readyz\n\
+         \x20 metrics:   curl http://{http}/metrics\n\
+         \x20 the data:  sqlite3 {} \"SELECT status, COUNT(*) FROM live_procedures GROUP BY status\"\n\
+         \x20 Ctrl-C stops it.\n",
+        source.base_url(),
+        database_url.trim_start_matches("sqlite://").trim_start_matches("sqlite:")
+    );
+}

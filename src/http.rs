@@ -1,0 +1,124 @@
+//! The HTTP side: `/healthz`, `/readyz` and `/metrics`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::klarify::{format_instant, KlarifyError};
+use crate::store::Store;
+use crate::sync::SyncError;
+
+/// What the sync loop last reported; `/readyz` judges it.
+#[derive(Debug, Default)]
+struct SyncHealth {
+    last_success: Option<OffsetDateTime>,
+    /// The reason code and message of the last pass, when it failed.
+    failure: Option<(&'static str, String)>,
+    /// When passes started failing, for "API unreachable since T".
+    failing_since: Option<OffsetDateTime>,
+}
+
+/// Shared between the sync loop (writer) and the HTTP handlers (readers).
+#[derive(Clone)]
+pub struct Readiness {
+    health: Arc<Mutex<SyncHealth>>,
+    store: Store,
+    max_staleness: Duration,
+}
+
+impl Readiness {
+    pub fn new(store: Store, max_staleness: Duration) -> Self {
+        Self {
+            health: Arc::default(),
+            store,
+            max_staleness,
+        }
+    }
+
+    pub fn pass_succeeded(&self) {
+        let mut h = self.health.lock().expect("health lock poisoned");
+        h.last_success = Some(OffsetDateTime::now_utc());
+        h.failure = None;
+        h.failing_since = None;
+    }
+
+    pub fn pass_failed(&self, error: &SyncError) {
+        let mut h = self.health.lock().expect("health lock poisoned");
+        h.failure = Some((reason_code(error), error.to_string()));
+        h.failing_since.get_or_insert_with(OffsetDateTime::now_utc);
+    }
+
+    async fn check(&self) -> Result<serde_json::Value, serde_json::Value> {
+        let ping = tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await;
+        match ping {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(json!({"reason": "database_down", "detail": e.to_string()})),
+            Err(_) => return Err(json!({"reason": "database_down", "detail": "the database did not answer within 2s"})),
+        }
+        let h = self.health.lock().expect("health lock poisoned");
+        let last_success = h.last_success.map(format_instant);
+        if let Some((reason, detail)) = &h.failure {
+            return Err(json!({
+                "reason": reason,
+                "detail": detail,
+                "since": h.failing_since.map(format_instant),
+                "last_success": last_success,
+            }));
+        }
+        let Some(at) = h.last_success else {
+            return Err(json!({"reason": "never_synced", "detail": "no sync pass has succeeded yet"}));
+        };
+        if OffsetDateTime::now_utc() - at > self.max_staleness {
+            return Err(json!({
+                "reason": "stale",
+                "detail": format!("the last successful pass is older than health.max_staleness_secs ({}s)", self.max_staleness.as_secs()),
+                "last_success": last_success,
+            }));
+        }
+        Ok(json!({"status": "ready", "last_success": last_success}))
+    }
+}
+
+/// A stable, machine-readable name for why the last pass failed.
+fn reason_code(error: &SyncError) -> &'static str {
+    match error {
+        SyncError::Klarify(KlarifyError::KeyRejected) => "key_rejected",
+        SyncError::Klarify(_) => "api_unreachable",
+        SyncError::Store(_) => "database_error",
+        SyncError::Unordered(_) | SyncError::UnstableTieGroup { .. } | SyncError::Stuck => "api_inconsistent",
+        SyncError::Interrupted => "shutting_down",
+    }
+}
+
+pub fn router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(readiness)
+}
+
+async fn readyz(State(r): State<Readiness>) -> Response {
+    match r.check().await {
+        Ok(body) => (StatusCode::OK, Json(body)).into_response(),
+        Err(mut body) => {
+            body["status"] = "unavailable".into();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,111 @@
+//! The `klarify-sync` binary: parses the command line, loads the configuration, sets up
+//! logging and signals, and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use klarify_sync::config::Settings;
+use klarify_sync::daemon::Daemon;
+use klarify_sync::klarify::KlarifyClient;
+use klarify_sync::store::Store;
+use klarify_sync::sync::{run_pass, Mode, SyncOptions};
+use klarify_sync::{demo, schedule, telemetry};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+/// Keeps a SQL database in step with an organisation's Klarify procedures.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Run one incremental sync from the stored watermark, then exit.
+    #[arg(long, conflicts_with_all = ["backfill", "demo"])]
+    once: bool,
+    /// Re-read every procedure, mark the ones Klarify no longer serves as deleted, then exit.
+    #[arg(long, conflicts_with = "demo")]
+    backfill: bool,
+    /// Mirror a built-in sample organisation (served in-process, no key, no network) into
+    /// klarify-demo.db and keep syncing it.
+    #[arg(long)]
+    demo: bool,
+    /// An extra TOML file layered over the defaults (the environment still wins).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("klarify-sync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let env = std::env::vars().collect();
+    let mut settings = Settings::load(cli.config.as_deref(), &env)?;
+    // The demo's source exists only once we start it; its address and key replace the real ones.
+    let demo_source = if cli.demo {
+        let source = demo::start().await?;
+        settings.klarify.base_url = source.base_url().parse()?;
+        settings.klarify.access_key = Some(source.access_key().into());
+        settings.schedule.cron = demo::CRON.to_owned();
+        Some(source)
+    } else {
+        None
+    };
+    settings.validate(!cli.demo)?;
+    telemetry::init(&settings.log);
+
+    let database_url = settings.database_url(cli.demo);
+    let store = Store::open(&database_url, settings.database.max_connections).await?;
+    let client = KlarifyClient::new(settings.client_settings())?;
+    let options = SyncOptions {
+        overlap: Duration::from_secs(settings.sync.overlap_secs),
+        max_delete_share: settings.sync.max_delete_share,
+        tie_group_attempts: settings.sync.tie_group_attempts,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
+    if cli.once || cli.backfill {
+        let mode = if cli.backfill { Mode::Backfill } else { Mode::Incremental };
+        let report = run_pass(&client, &store, mode, &options, &shutdown).await?;
+        report.log();
+        store.close().await;
+        return Ok(());
+    }
+
+    let daemon = Daemon {
+        client,
+        store: store.clone(),
+        options,
+        cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
+        max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
+        retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
+    }
+    .bind(settings.http.listen)
+    .await?;
+    if let Some(source) = &demo_source {
+        demo::banner(source, database_url.expose_secret(), daemon.local_addr());
+    }
+    daemon.run_until_stopped(shutdown.cancelled_owned()).await?;
+    store.close().await;
+    Ok(())
+}
+
+/// SIGTERM (container stop) and SIGINT (Ctrl-C) both ask for a graceful stop.
+async fn cancel_on_signal(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    token.cancel();
+}

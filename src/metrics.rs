@@ -1,0 +1,51 @@
+//! Prometheus metrics: one process-wide recorder, rendered by `GET /metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::store::RunRecord;
+use crate::sync::Mode;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder on first use; later calls (tests start many daemons in one process)
+/// share it.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let seconds = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+            .expect("the bucket list is not empty")
+            .install_recorder()
+            .expect("no other metrics recorder is installed in this process")
+    })
+}
+
+pub fn render() -> String {
+    let handle = handle();
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Records the end of a pass, whatever its outcome.
+pub fn record_pass(mode: Mode, outcome: &'static str, r: &RunRecord) {
+    let mode = mode.as_str();
+    metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome).increment(1);
+    for (change, n) in [
+        ("inserted", r.stats.inserted),
+        ("updated", r.stats.updated),
+        ("unchanged", r.stats.unchanged),
+        ("deleted", r.deleted),
+    ] {
+        metrics::counter!("klarify_sync_procedures_total", "change" => change).increment(n);
+    }
+    metrics::counter!("klarify_sync_rejected_items_total").increment(r.stats.new_rejected);
+    if outcome == "succeeded" {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+        metrics::gauge!("klarify_sync_last_success_timestamp_seconds").set(now);
+    }
+    if let Some(w) = r.watermark_after {
+        metrics::gauge!("klarify_sync_watermark_timestamp_seconds").set(w.unix_timestamp() as f64);
+    }
+}

@@ -1,0 +1,531 @@
+//! The mirror database: one [`Store`] over SQLite or PostgreSQL.
+//!
+//! The flow of every operation is shared; only SQL text and connection set-up differ, so each
+//! backend module is a [`Dialect`]: its migrations, its statements and how to open it. Pages are
+//! passed to the database as one JSON array per statement (`json_each` / `jsonb_to_recordset`),
+//! so writing a page costs a handful of set-based statements whatever its size.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::HashMap;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use time::OffsetDateTime;
+
+use crate::config::{database_kind, DatabaseKind};
+use crate::klarify::{format_instant, parse_instant, Procedure, Rejected};
+
+/// What differs between the backends.
+pub(crate) struct Dialect {
+    pub name: &'static str,
+    pub migrator: sqlx::migrate::Migrator,
+    /// `$1`: JSON array of ids -> `id, updated_at, content_hash, deleted_at`.
+    pub existing: &'static str,
+    /// `$1`: JSON array of [`ProcRow`], `$2`: now.
+    pub upsert_procedures: &'static str,
+    /// `$1`: JSON array of ids.
+    pub delete_lanes: &'static str,
+    pub delete_calls: &'static str,
+    /// `$1`: JSON array of [`LaneRow`] / [`CallRow`].
+    pub insert_lanes: &'static str,
+    pub insert_calls: &'static str,
+    /// `$1`: JSON array of [`RejectRow`], `$2`: now -> `raw_hash, is_new`.
+    pub upsert_rejected: &'static str,
+    /// `$1`: run id, `$2`: JSON array of ids.
+    pub insert_seen: &'static str,
+    /// `$1`: started_at, `$2`: mode, `$3`: watermark_before -> id.
+    pub begin_run: &'static str,
+    /// `$1`: id, `$2`: finished_at, `$3`: outcome, `$4`..`$10`: counts, `$11`: watermark_after, `$12`: error.
+    pub finish_run: &'static str,
+    /// `$1`: run id, `$2`: now.
+    pub mark_deleted: &'static str,
+    /// -> `id, name, status, owner, performer, updated_at, url, raw` of live procedures.
+    pub live_procedures: &'static str,
+}
+
+const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
+const SET_WATERMARK: &str = "INSERT INTO sync_state (id, watermark) VALUES (1, $1) \
+     ON CONFLICT (id) DO UPDATE SET watermark = excluded.watermark";
+const COUNT_LIVE: &str = "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL";
+const COUNT_UNSEEN: &str = "SELECT COUNT(*) FROM procedures p WHERE p.deleted_at IS NULL \
+     AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = p.id)";
+/// Leftovers of backfills that were killed before they finished are dropped too.
+const CLEAR_SEEN: &str = "DELETE FROM sync_seen WHERE run_id <= $1";
+const LIVE_LANES: &str = "SELECT l.procedure_id, l.lane FROM procedure_lanes l \
+     JOIN procedures p ON p.id = l.procedure_id WHERE p.deleted_at IS NULL \
+     ORDER BY l.procedure_id, l.position";
+const LIVE_CALLS: &str = "SELECT c.procedure_id, c.relation, c.related_name FROM procedure_calls c \
+     JOIN procedures p ON p.id = c.procedure_id WHERE p.deleted_at IS NULL \
+     ORDER BY c.procedure_id, c.relation, c.position";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {url}: {reason}; check database.url (DATABASE_URL) and that the database server is running")]
+    Connect { url: String, reason: String },
+    #[error("cannot apply the database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("the database holds a value klarify-sync cannot read: {0}")]
+    Corrupt(String),
+    #[error("refusing to mark {unseen} of {live} live procedures deleted (more than sync.max_delete_share = {max_share}): so many disappearing at once looks like an API fault. Nothing was marked; check Klarify, then rerun --backfill or raise sync.max_delete_share")]
+    DeletionGuard { unseen: u64, live: u64, max_share: f64 },
+}
+
+/// Identifies one row of `sync_runs`.
+pub type RunId = i64;
+
+/// A page ready to be committed, with the cursor it moves to.
+#[derive(Debug)]
+pub struct PageWrite<'a> {
+    pub run: RunId,
+    pub items: &'a [Procedure],
+    pub rejected: &'a [Rejected],
+    /// The new stored watermark, committed with the items or not at all.
+    pub watermark: Option<OffsetDateTime>,
+    /// Record the ids for deletion detection (backfills).
+    pub track_seen: bool,
+}
+
+/// What a page write did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    /// Rejected items not seen before (already known ones are only re-stamped).
+    pub new_rejected: u64,
+}
+
+impl std::ops::AddAssign for WriteStats {
+    fn add_assign(&mut self, o: Self) {
+        self.inserted += o.inserted;
+        self.updated += o.updated;
+        self.unchanged += o.unchanged;
+        self.new_rejected += o.new_rejected;
+    }
+}
+
+/// The end of a pass, as recorded in `sync_runs`.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub outcome: &'static str,
+    pub pages: u64,
+    pub fetched: u64,
+    pub stats: WriteStats,
+    pub rejected: u64,
+    pub deleted: u64,
+    pub watermark_after: Option<OffsetDateTime>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: &'static Dialect,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("backend", &self.dialect.name).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating a SQLite file when missing) and migrates the database.
+    pub async fn open(url: &SecretString, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let raw = url.expose_secret();
+        let connect_error = |e: &dyn std::fmt::Display| StoreError::Connect {
+            url: redact_url(raw),
+            reason: e.to_string(),
+        };
+        let kind = database_kind(raw).map_err(|e| connect_error(&e))?;
+        let (dialect, url) = match kind {
+            DatabaseKind::Sqlite => (&sqlite::DIALECT, sqlite::prepare(raw).await.map_err(|e| connect_error(&e))?),
+            DatabaseKind::Postgres => (&postgres::DIALECT, raw.to_owned()),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .map_err(|e| connect_error(&e))?;
+        dialect.migrator.run(&pool).await?;
+        Ok(Self { pool, dialect })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.dialect.name
+    }
+
+    /// Cheap liveness check for `/readyz`.
+    #[tracing::instrument(skip_all)]
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The stored cursor: every procedure modified up to it has been written.
+    #[tracing::instrument(skip_all)]
+    pub async fn watermark(&self) -> Result<Option<OffsetDateTime>, StoreError> {
+        let row: Option<(Option<String>,)> = sqlx::query_as(GET_WATERMARK).fetch_optional(&self.pool).await?;
+        row.and_then(|(w,)| w).map(|w| parse_stored(&w)).transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn begin_run(&self, mode: &str, watermark: Option<OffsetDateTime>) -> Result<RunId, StoreError> {
+        let (id,): (i64,) = sqlx::query_as(self.dialect.begin_run)
+            .bind(now_text())
+            .bind(mode)
+            .bind(watermark.map(format_instant))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn finish_run(&self, run: RunId, r: &RunRecord) -> Result<(), StoreError> {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        sqlx::query(self.dialect.finish_run)
+            .bind(run)
+            .bind(now_text())
+            .bind(r.outcome)
+            .bind(count(r.pages))
+            .bind(count(r.fetched))
+            .bind(count(r.stats.inserted))
+            .bind(count(r.stats.updated))
+            .bind(count(r.stats.unchanged))
+            .bind(count(r.deleted))
+            .bind(count(r.rejected))
+            .bind(r.watermark_after.map(format_instant))
+            .bind(r.error.as_deref())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes one page in one transaction: procedures that are new or changed, their lanes and
+    /// calls, the rejected items, and the cursor. All or nothing.
+    #[tracing::instrument(skip_all, fields(items = page.items.len()))]
+    pub async fn write_page(&self, page: &PageWrite<'_>) -> Result<WriteStats, StoreError> {
+        let d = self.dialect;
+        let now = now_text();
+        let items = latest_per_id(page.items);
+        let ids = json(&items.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
+
+        let mut tx = self.pool.begin().await?;
+        let stored: HashMap<String, Stored> = sqlx::query(d.existing)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(Stored::from_row)
+            .collect::<Result<_, _>>()?;
+
+        let mut stats = WriteStats::default();
+        let mut rows = Vec::new();
+        let mut written = Vec::new();
+        for &p in &items {
+            let hash = content_hash(&p.raw);
+            let counter = match stored.get(&p.id) {
+                None => &mut stats.inserted,
+                // An older copy (re-reads arrive out of order) or the same content: leave the row be.
+                Some(s) if s.updated_at > p.updated_at || (s.content_hash == hash && !s.deleted) => {
+                    stats.unchanged += 1;
+                    continue;
+                }
+                Some(_) => &mut stats.updated,
+            };
+            *counter += 1;
+            rows.push(ProcRow::new(p, hash));
+            written.push(p);
+        }
+        if !rows.is_empty() {
+            let changed = json(&rows.iter().map(|r| r.id).collect::<Vec<_>>());
+            sqlx::query(d.upsert_procedures).bind(json(&rows)).bind(&now).execute(&mut *tx).await?;
+            sqlx::query(d.delete_lanes).bind(&changed).execute(&mut *tx).await?;
+            sqlx::query(d.delete_calls).bind(&changed).execute(&mut *tx).await?;
+            let lanes = LaneRow::all(&written);
+            if !lanes.is_empty() {
+                sqlx::query(d.insert_lanes).bind(json(&lanes)).execute(&mut *tx).await?;
+            }
+            let calls = CallRow::all(&written);
+            if !calls.is_empty() {
+                sqlx::query(d.insert_calls).bind(json(&calls)).execute(&mut *tx).await?;
+            }
+        }
+        if !page.rejected.is_empty() {
+            let rejected: Vec<RejectRow> = page.rejected.iter().map(RejectRow::new).collect();
+            let fresh: Vec<(String, i64)> = sqlx::query_as(d.upsert_rejected)
+                .bind(json(&rejected))
+                .bind(&now)
+                .fetch_all(&mut *tx)
+                .await?;
+            for (hash, _) in fresh.iter().filter(|(_, is_new)| *is_new != 0) {
+                if let Some(r) = rejected.iter().find(|r| &r.raw_hash == hash) {
+                    tracing::warn!(reason = r.reason, raw = r.raw, "Klarify served an item that cannot be understood; kept in rejected_items");
+                    stats.new_rejected += 1;
+                }
+            }
+        }
+        if page.track_seen && !items.is_empty() {
+            sqlx::query(d.insert_seen).bind(page.run).bind(&ids).execute(&mut *tx).await?;
+        }
+        if let Some(w) = page.watermark {
+            sqlx::query(SET_WATERMARK).bind(format_instant(w)).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(stats)
+    }
+
+    /// After a complete backfill: marks live procedures the run did not see as deleted, unless
+    /// that would be more than `max_share` of them. Returns how many were marked.
+    #[tracing::instrument(skip_all)]
+    pub async fn mark_unseen_deleted(&self, run: RunId, max_share: f64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (live,): (i64,) = sqlx::query_as(COUNT_LIVE).fetch_one(&mut *tx).await?;
+        let (unseen,): (i64,) = sqlx::query_as(COUNT_UNSEEN).bind(run).fetch_one(&mut *tx).await?;
+        let (live, unseen) = (live.max(0) as u64, unseen.max(0) as u64);
+        if unseen > 0 && unseen as f64 > max_share * live as f64 {
+            return Err(StoreError::DeletionGuard { unseen, live, max_share });
+        }
+        if unseen > 0 {
+            sqlx::query(self.dialect.mark_deleted).bind(run).bind(now_text()).execute(&mut *tx).await?;
+        }
+        sqlx::query(CLEAR_SEEN).bind(run).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(unseen)
+    }
+
+    /// Every live procedure as the mirror holds it, lanes and calls in the API's order, sorted by
+    /// id. What a BI user would read back; tests compare it with the source.
+    #[tracing::instrument(skip_all)]
+    pub async fn live_procedures(&self) -> Result<Vec<Procedure>, StoreError> {
+        let mut procs = Vec::new();
+        let mut index = HashMap::new();
+        for row in sqlx::query(self.dialect.live_procedures).fetch_all(&self.pool).await? {
+            let p = Procedure {
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
+                status: row.try_get(2)?,
+                owner: row.try_get(3)?,
+                performer: row.try_get(4)?,
+                updated_at: parse_stored(&row.try_get::<String, _>(5)?)?,
+                url: row.try_get(6)?,
+                raw: row.try_get(7)?,
+                lanes: Vec::new(),
+                called_within: Vec::new(),
+                called_from: Vec::new(),
+            };
+            index.insert(p.id.clone(), procs.len());
+            procs.push(p);
+        }
+        let lanes: Vec<(String, String)> = sqlx::query_as(LIVE_LANES).fetch_all(&self.pool).await?;
+        for (id, lane) in lanes {
+            procs[index[&id]].lanes.push(lane);
+        }
+        let calls: Vec<(String, String, String)> = sqlx::query_as(LIVE_CALLS).fetch_all(&self.pool).await?;
+        for (id, relation, name) in calls {
+            let p = &mut procs[index[&id]];
+            match relation.as_str() {
+                "called_within" => p.called_within.push(name),
+                _ => p.called_from.push(name),
+            }
+        }
+        procs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(procs)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The stored state of one procedure, enough to decide whether a served item changes it.
+struct Stored {
+    updated_at: OffsetDateTime,
+    content_hash: String,
+    deleted: bool,
+}
+
+impl Stored {
+    fn from_row(row: AnyRow) -> Result<(String, Self), StoreError> {
+        Ok((
+            row.try_get(0)?,
+            Self {
+                updated_at: parse_stored(&row.try_get::<String, _>(1)?)?,
+                content_hash: row.try_get(2)?,
+                deleted: row.try_get::<Option<String>, _>(3)?.is_some(),
+            },
+        ))
+    }
+}
+
+#[derive(Serialize)]
+struct ProcRow<'a> {
+    id: &'a str,
+    name: Option<&'a str>,
+    status: Option<&'a str>,
+    owner: Option<&'a str>,
+    performer: Option<&'a str>,
+    updated_at: String,
+    url: Option<&'a str>,
+    raw: &'a str,
+    content_hash: String,
+}
+
+impl<'a> ProcRow<'a> {
+    fn new(p: &'a Procedure, content_hash: String) -> Self {
+        Self {
+            id: &p.id,
+            name: p.name.as_deref(),
+            status: p.status.as_deref(),
+            owner: p.owner.as_deref(),
+            performer: p.performer.as_deref(),
+            updated_at: format_instant(p.updated_at),
+            url: p.url.as_deref(),
+            raw: &p.raw,
+            content_hash,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct LaneRow<'a> {
+    procedure_id: &'a str,
+    position: usize,
+    lane: &'a str,
+}
+
+impl<'a> LaneRow<'a> {
+    fn all(procs: &[&'a Procedure]) -> Vec<Self> {
+        let rows = procs.iter().flat_map(|p| {
+            p.lanes.iter().enumerate().map(|(position, lane)| LaneRow {
+                procedure_id: &p.id,
+                position,
+                lane,
+            })
+        });
+        rows.collect()
+    }
+}
+
+#[derive(Serialize)]
+struct CallRow<'a> {
+    procedure_id: &'a str,
+    relation: &'static str,
+    position: usize,
+    related_name: &'a str,
+}
+
+impl<'a> CallRow<'a> {
+    fn all(procs: &[&'a Procedure]) -> Vec<Self> {
+        let mut rows = Vec::new();
+        for p in procs {
+            for (relation, names) in [("called_within", &p.called_within), ("called_from", &p.called_from)] {
+                rows.extend(names.iter().enumerate().map(|(position, name)| CallRow {
+                    procedure_id: &p.id,
+                    relation,
+                    position,
+                    related_name: name,
+                }));
+            }
+        }
+        rows
+    }
+}
+
+#[derive(Serialize)]
+struct RejectRow<'a> {
+    raw_hash: String,
+    raw: &'a str,
+    reason: &'a str,
+}
+
+impl<'a> RejectRow<'a> {
+    fn new(r: &'a Rejected) -> Self {
+        Self {
+            raw_hash: content_hash(&r.raw),
+            raw: &r.raw,
+            reason: &r.reason,
+        }
+    }
+}
+
+/// A page may serve one id twice (the vendor promises nothing); the newest copy wins, and for
+/// equal timestamps the later one, as it is the last the server said.
+fn latest_per_id(items: &[Procedure]) -> Vec<&Procedure> {
+    let mut position: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+    let mut out: Vec<&Procedure> = Vec::with_capacity(items.len());
+    for p in items {
+        match position.get(p.id.as_str()) {
+            Some(&i) if out[i].updated_at > p.updated_at => {}
+            Some(&i) => out[i] = p,
+            None => {
+                position.insert(&p.id, out.len());
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn content_hash(raw: &str) -> String {
+    Sha256::digest(raw.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("rows of strings and numbers always serialise")
+}
+
+fn now_text() -> String {
+    format_instant(OffsetDateTime::now_utc())
+}
+
+fn parse_stored(s: &str) -> Result<OffsetDateTime, StoreError> {
+    parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:hunter2@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(redact_url("sqlite://klarify.db"), "sqlite://klarify.db");
+    }
+
+    #[test]
+    fn the_newest_copy_of_a_duplicated_id_wins() {
+        let item = |id: &str, ts: &str, name: &str| {
+            crate::klarify::parse_item(&format!(r#"{{"id":"{id}","updated_at":"{ts}","name":"{name}"}}"#)).unwrap()
+        };
+        let page = [
+            item("a", "2024-01-01T00:00:02Z", "a-new"),
+            item("b", "2024-01-01T00:00:00Z", "b-first"),
+            item("a", "2024-01-01T00:00:01Z", "a-old"),
+            item("b", "2024-01-01T00:00:00Z", "b-last"),
+        ];
+        let names: Vec<_> = latest_per_id(&page).iter().map(|p| p.name.clone().unwrap()).collect();
+        assert_eq!(names, ["a-new", "b-last"]);
+    }
+}

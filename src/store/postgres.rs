@@ -1,0 +1,60 @@
+//! PostgreSQL: production. JSON arrays are unpacked with `jsonb_to_recordset`; timestamps are
+//! `timestamptz`, read back as the same RFC 3339 text SQLite stores.
+
+use super::Dialect;
+
+/// `updated_at` as RFC 3339 UTC text with six fractional digits, like SQLite's columns.
+macro_rules! rfc3339 {
+    ($col:literal) => {
+        concat!("to_char(", $col, " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+    };
+}
+
+pub(super) static DIALECT: Dialect = Dialect {
+    name: "postgres",
+    migrator: sqlx::migrate!("migrations/postgres"),
+    existing: concat!(
+        "SELECT p.id, ",
+        rfc3339!("p.updated_at"),
+        ", p.content_hash, p.deleted_at::text FROM procedures p \
+         WHERE p.id IN (SELECT jsonb_array_elements_text($1::jsonb))"
+    ),
+    upsert_procedures: "INSERT INTO procedures \
+        (id, name, status, owner, performer, updated_at, url, raw, content_hash, first_seen_at, synced_at, deleted_at) \
+        SELECT r.id, r.name, r.status, r.owner, r.performer, r.updated_at::timestamptz, r.url, r.raw::jsonb, \
+               r.content_hash, $2::timestamptz, $2::timestamptz, NULL \
+        FROM jsonb_to_recordset($1::jsonb) AS r(id text, name text, status text, owner text, performer text, \
+             updated_at text, url text, raw text, content_hash text) \
+        ON CONFLICT (id) DO UPDATE SET name = excluded.name, status = excluded.status, \
+            owner = excluded.owner, performer = excluded.performer, updated_at = excluded.updated_at, \
+            url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
+            synced_at = excluded.synced_at, deleted_at = NULL \
+        WHERE procedures.updated_at <= excluded.updated_at",
+    delete_lanes: "DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
+    delete_calls: "DELETE FROM procedure_calls WHERE procedure_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
+    insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \
+        SELECT r.procedure_id, r.position, r.lane \
+        FROM jsonb_to_recordset($1::jsonb) AS r(procedure_id text, position int, lane text)",
+    insert_calls: "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
+        SELECT r.procedure_id, r.relation, r.position, r.related_name \
+        FROM jsonb_to_recordset($1::jsonb) AS r(procedure_id text, relation text, position int, related_name text)",
+    upsert_rejected: "INSERT INTO rejected_items (raw_hash, raw, reason, first_seen_at, seen_at) \
+        SELECT r.raw_hash, r.raw, r.reason, $2::timestamptz, $2::timestamptz \
+        FROM jsonb_to_recordset($1::jsonb) AS r(raw_hash text, raw text, reason text) \
+        ON CONFLICT (raw_hash) DO UPDATE SET seen_at = excluded.seen_at, reason = excluded.reason \
+        RETURNING raw_hash, (first_seen_at = seen_at)::int8",
+    insert_seen: "INSERT INTO sync_seen (run_id, procedure_id) \
+        SELECT $1, x FROM jsonb_array_elements_text($2::jsonb) AS x ON CONFLICT DO NOTHING",
+    begin_run: "INSERT INTO sync_runs (started_at, mode, outcome, watermark_before) \
+        VALUES ($1::timestamptz, $2, 'running', $3) RETURNING id",
+    finish_run: "UPDATE sync_runs SET finished_at = $2::timestamptz, outcome = $3, pages = $4, fetched = $5, \
+        inserted = $6, updated = $7, unchanged = $8, deleted = $9, rejected = $10, \
+        watermark_after = $11, error = $12 WHERE id = $1",
+    mark_deleted: "UPDATE procedures SET deleted_at = $2::timestamptz WHERE deleted_at IS NULL \
+        AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = procedures.id)",
+    live_procedures: concat!(
+        "SELECT id, name, status, owner, performer, ",
+        rfc3339!("updated_at"),
+        ", url, raw::text FROM procedures WHERE deleted_at IS NULL"
+    ),
+};

@@ -1,0 +1,61 @@
+//! SQLite: the embedded default. JSON arrays are unpacked with `json_each`; timestamps are
+//! RFC 3339 text in one fixed width, so they compare correctly as text.
+
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::{ConnectOptions, Connection};
+
+use super::Dialect;
+
+pub(super) static DIALECT: Dialect = Dialect {
+    name: "sqlite",
+    migrator: sqlx::migrate!("migrations/sqlite"),
+    existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
+        WHERE p.id IN (SELECT value FROM json_each($1))",
+    // `WHERE true` resolves SQLite's parsing ambiguity between a SELECT's join and ON CONFLICT.
+    upsert_procedures: "INSERT INTO procedures \
+        (id, name, status, owner, performer, updated_at, url, raw, content_hash, first_seen_at, synced_at, deleted_at) \
+        SELECT value->>'id', value->>'name', value->>'status', value->>'owner', value->>'performer', \
+               value->>'updated_at', value->>'url', value->>'raw', value->>'content_hash', $2, $2, NULL \
+        FROM json_each($1) WHERE true \
+        ON CONFLICT (id) DO UPDATE SET name = excluded.name, status = excluded.status, \
+            owner = excluded.owner, performer = excluded.performer, updated_at = excluded.updated_at, \
+            url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
+            synced_at = excluded.synced_at, deleted_at = NULL \
+        WHERE procedures.updated_at <= excluded.updated_at",
+    delete_lanes: "DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT value FROM json_each($1))",
+    delete_calls: "DELETE FROM procedure_calls WHERE procedure_id IN (SELECT value FROM json_each($1))",
+    insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \
+        SELECT value->>'procedure_id', value->>'position', value->>'lane' FROM json_each($1)",
+    insert_calls: "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
+        SELECT value->>'procedure_id', value->>'relation', value->>'position', value->>'related_name' \
+        FROM json_each($1)",
+    upsert_rejected: "INSERT INTO rejected_items (raw_hash, raw, reason, first_seen_at, seen_at) \
+        SELECT value->>'raw_hash', value->>'raw', value->>'reason', $2, $2 FROM json_each($1) WHERE true \
+        ON CONFLICT (raw_hash) DO UPDATE SET seen_at = excluded.seen_at, reason = excluded.reason \
+        RETURNING raw_hash, first_seen_at = seen_at",
+    insert_seen: "INSERT INTO sync_seen (run_id, procedure_id) SELECT $1, value FROM json_each($2) WHERE true \
+        ON CONFLICT DO NOTHING",
+    begin_run: "INSERT INTO sync_runs (started_at, mode, outcome, watermark_before) \
+        VALUES ($1, $2, 'running', $3) RETURNING id",
+    finish_run: "UPDATE sync_runs SET finished_at = $2, outcome = $3, pages = $4, fetched = $5, \
+        inserted = $6, updated = $7, unchanged = $8, deleted = $9, rejected = $10, \
+        watermark_after = $11, error = $12 WHERE id = $1",
+    mark_deleted: "UPDATE procedures SET deleted_at = $2 WHERE deleted_at IS NULL \
+        AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = procedures.id)",
+    live_procedures: "SELECT id, name, status, owner, performer, updated_at, url, raw \
+        FROM procedures WHERE deleted_at IS NULL",
+};
+
+/// Creates the file when missing and switches it to WAL once (the mode is stored in the file),
+/// so that BI readers never block a sync and a sync never blocks them. Returns the URL for the
+/// pool.
+pub(super) async fn prepare(url: &str) -> Result<String, sqlx::Error> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal);
+    let conn = options.connect().await?;
+    conn.close().await?;
+    Ok(url.to_owned())
+}

@@ -1,0 +1,98 @@
+//! The pure part of the paging algorithm (docs/sync.md): where the cursor may move after a page.
+
+use time::{Duration, OffsetDateTime};
+
+use crate::klarify::Procedure;
+
+/// The smallest step the cursor takes below a timestamp: the precision everything is stored at.
+pub const TICK: Duration = Duration::microseconds(1);
+
+/// What page 0 of `updated_at > cursor` allows.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The page is the last one: the cursor may move to its newest item.
+    Done(Option<OffsetDateTime>),
+    /// Everything strictly older than the page's newest item has been read: the cursor moves to
+    /// just below that item, so items sharing its timestamp are read again on the next page.
+    Advance(OffsetDateTime),
+    /// Every item on the page shares one instant: paging from page 0 cannot move past it, so
+    /// the whole group must be read by page number.
+    TieGroup(OffsetDateTime),
+    /// A full page with nothing readable on it.
+    Stuck,
+}
+
+/// Checks the server kept its promise: ascending `updated_at`, all strictly after the cursor.
+/// Returns a description of the first violation.
+pub fn check_order(items: &[Procedure], cursor: Option<OffsetDateTime>) -> Result<(), String> {
+    if let (Some(c), Some(first)) = (cursor, items.first()) {
+        if first.updated_at <= c {
+            return Err(format!(
+                "item {} has updated_at {} which is not after the requested last_updated_at {}",
+                first.id, first.updated_at, c
+            ));
+        }
+    }
+    match items.windows(2).find(|w| w[0].updated_at > w[1].updated_at) {
+        Some(w) => Err(format!(
+            "items are not sorted by updated_at: {} ({}) comes before {} ({})",
+            w[0].id, w[0].updated_at, w[1].id, w[1].updated_at
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Decides the next step from page 0. `more` says whether anything follows this page.
+pub fn step(items: &[Procedure], more: bool) -> Step {
+    let newest = items.last().map(|p| p.updated_at);
+    match (newest, items.first()) {
+        (newest, _) if !more => Step::Done(newest),
+        (Some(newest), Some(oldest)) if oldest.updated_at < newest => Step::Advance(newest - TICK),
+        (Some(newest), _) => Step::TieGroup(newest),
+        (None, _) => Step::Stuck,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::klarify::parse_item;
+    use time::macros::datetime;
+
+    fn at(ts: &[&str]) -> Vec<Procedure> {
+        ts.iter()
+            .enumerate()
+            .map(|(i, t)| parse_item(&format!(r#"{{"id":"{i}","updated_at":"{t}"}}"#)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn advances_to_just_below_the_newest_item() {
+        let page = at(&["2024-01-01T00:00:01Z", "2024-01-01T00:00:02Z", "2024-01-01T00:00:02Z"]);
+        assert_eq!(step(&page, true), Step::Advance(datetime!(2024-01-01 00:00:01.999999 UTC)));
+    }
+
+    #[test]
+    fn a_page_of_one_instant_is_a_tie_group() {
+        let page = at(&["2024-01-01T00:00:02Z", "2024-01-01T00:00:02Z"]);
+        assert_eq!(step(&page, true), Step::TieGroup(datetime!(2024-01-01 00:00:02 UTC)));
+    }
+
+    #[test]
+    fn the_last_page_ends_the_pass_at_its_newest_item() {
+        let page = at(&["2024-01-01T00:00:01Z", "2024-01-01T00:00:03Z"]);
+        assert_eq!(step(&page, false), Step::Done(Some(datetime!(2024-01-01 00:00:03 UTC))));
+        assert_eq!(step(&[], false), Step::Done(None));
+        assert_eq!(step(&[], true), Step::Stuck);
+    }
+
+    #[test]
+    fn order_violations_are_caught() {
+        let page = at(&["2024-01-01T00:00:02Z", "2024-01-01T00:00:01Z"]);
+        assert!(check_order(&page, None).unwrap_err().contains("not sorted"));
+        let page = at(&["2024-01-01T00:00:01Z"]);
+        let err = check_order(&page, Some(datetime!(2024-01-01 00:00:01 UTC))).unwrap_err();
+        assert!(err.contains("not after"), "{err}");
+        check_order(&page, Some(datetime!(2024-01-01 00:00:00.999999 UTC))).unwrap();
+    }
+}

@@ -1,0 +1,297 @@
+//! One sync pass: page through Klarify from the cursor and commit each page with the cursor it
+//! reaches. The algorithm, and why it cannot skip a record, is in docs/sync.md.
+//!
+//! A pass is a plain async function returning a report, so `--once`, `--backfill`, the daemon
+//! and the tests all call the same thing; the scheduler only decides when.
+
+mod cursor;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::klarify::{KlarifyClient, KlarifyError, Page, PageQuery};
+use crate::store::{PageWrite, RunId, RunRecord, Store, StoreError, WriteStats};
+use cursor::{check_order, step, Step};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// From the stored watermark (less the overlap).
+    Incremental,
+    /// Everything, then deletion detection.
+    Backfill,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Incremental => "incremental",
+            Mode::Backfill => "backfill",
+        }
+    }
+}
+
+/// The `sync` config section, typed.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub overlap: Duration,
+    pub max_delete_share: f64,
+    pub tie_group_attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Klarify(#[from] KlarifyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("Klarify broke its paging promise: {0}; nothing past the last good page was committed")]
+    Unordered(String),
+    #[error("the {size} procedures sharing updated_at {at} kept changing while being read ({attempts} attempts); the watermark stays before them and the next pass reads them again")]
+    UnstableTieGroup {
+        at: OffsetDateTime,
+        size: u64,
+        attempts: u32,
+    },
+    #[error("Klarify served a full page of items that cannot be understood (kept in rejected_items); the sync cannot move past them")]
+    Stuck,
+    #[error("stopped by a shutdown request; committed pages are kept and the next pass resumes from them")]
+    Interrupted,
+}
+
+/// What a finished pass did.
+#[derive(Debug, Clone)]
+pub struct PassReport {
+    pub run: RunId,
+    pub mode: Mode,
+    pub pages: u64,
+    pub fetched: u64,
+    pub stats: WriteStats,
+    pub rejected: u64,
+    pub deleted: u64,
+    pub watermark_before: Option<OffsetDateTime>,
+    pub watermark_after: Option<OffsetDateTime>,
+    pub duration: Duration,
+}
+
+/// Runs one pass and records it in `sync_runs`.
+#[tracing::instrument(skip_all, fields(mode = mode.as_str(), run))]
+pub async fn run_pass(
+    client: &KlarifyClient,
+    store: &Store,
+    mode: Mode,
+    options: &SyncOptions,
+    shutdown: &CancellationToken,
+) -> Result<PassReport, SyncError> {
+    let started = Instant::now();
+    let watermark = store.watermark().await?;
+    let run = store.begin_run(mode.as_str(), watermark).await?;
+    tracing::Span::current().record("run", run);
+    let mut pass = Pass {
+        client,
+        store,
+        options,
+        shutdown,
+        run,
+        mode,
+        stored: watermark,
+        pages: 0,
+        fetched: 0,
+        rejected: 0,
+        stats: WriteStats::default(),
+    };
+    let outcome = pass.run().await;
+    let deleted = match (&outcome, mode) {
+        (Ok(()), Mode::Backfill) => store.mark_unseen_deleted(run, options.max_delete_share).await,
+        _ => Ok(0),
+    };
+    let outcome = outcome.and_then(|()| deleted.map_err(SyncError::from));
+    let record = RunRecord {
+        outcome: match &outcome {
+            Ok(_) => "succeeded",
+            Err(SyncError::Interrupted) => "interrupted",
+            Err(_) => "failed",
+        },
+        pages: pass.pages,
+        fetched: pass.fetched,
+        stats: pass.stats,
+        rejected: pass.rejected,
+        deleted: *outcome.as_ref().unwrap_or(&0),
+        watermark_after: pass.stored,
+        error: outcome.as_ref().err().map(ToString::to_string),
+    };
+    if let Err(e) = store.finish_run(run, &record).await {
+        tracing::warn!(error = %e, "could not record the end of the pass in sync_runs");
+    }
+    crate::metrics::record_pass(mode, record.outcome, &record);
+    let deleted = outcome?;
+    Ok(PassReport {
+        run,
+        mode,
+        pages: record.pages,
+        fetched: record.fetched,
+        stats: record.stats,
+        rejected: record.rejected,
+        deleted,
+        watermark_before: watermark,
+        watermark_after: record.watermark_after,
+        duration: started.elapsed(),
+    })
+}
+
+/// The state of one pass in flight.
+struct Pass<'a> {
+    client: &'a KlarifyClient,
+    store: &'a Store,
+    options: &'a SyncOptions,
+    shutdown: &'a CancellationToken,
+    run: RunId,
+    mode: Mode,
+    /// The watermark as committed; it only ever moves forward.
+    stored: Option<OffsetDateTime>,
+    pages: u64,
+    fetched: u64,
+    rejected: u64,
+    stats: WriteStats,
+}
+
+impl Pass<'_> {
+    async fn run(&mut self) -> Result<(), SyncError> {
+        let mut cursor = match self.mode {
+            Mode::Backfill => None,
+            Mode::Incremental => self.stored.map(|w| w - self.options.overlap),
+        };
+        loop {
+            let page = self.fetch(0, cursor).await?;
+            check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
+            // A server whose hasNext lies on the last page is caught by its own totalCount.
+            let served = (page.items.len() + page.rejected.len()) as u64;
+            let more = !page.items.is_empty() && (page.has_next || page.total_count > served);
+            match step(&page.items, more) {
+                Step::Done(newest) => {
+                    let end = newest.max(cursor);
+                    self.commit(&page, end).await?;
+                    return Ok(());
+                }
+                Step::Advance(next) => {
+                    self.commit(&page, Some(next)).await?;
+                    cursor = Some(next);
+                }
+                Step::TieGroup(at) => {
+                    self.commit(&page, None).await?;
+                    self.read_tie_group(cursor, at).await?;
+                    self.commit_watermark(at).await?;
+                    cursor = Some(at);
+                }
+                Step::Stuck => {
+                    self.commit(&page, None).await?;
+                    return Err(SyncError::Stuck);
+                }
+            }
+        }
+    }
+
+    /// Reads every item whose `updated_at` is `at`, by page number under a fixed cursor, and
+    /// proves the reading complete by count (docs/sync.md, "Tie groups").
+    async fn read_tie_group(&mut self, cursor: Option<OffsetDateTime>, at: OffsetDateTime) -> Result<(), SyncError> {
+        let mut size = 0;
+        for attempt in 1..=self.options.tie_group_attempts {
+            // Newer first: an item leaving the group between the two counts is then counted
+            // twice, never missed, so `size` can only overestimate the group.
+            let newer = self.count(Some(at)).await?;
+            size = self.count(cursor).await?.saturating_sub(newer);
+            let mut seen = HashSet::new();
+            for number in 0.. {
+                let page = self.fetch(number, cursor).await?;
+                check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
+                self.commit(&page, None).await?;
+                seen.extend(page.items.iter().filter(|p| p.updated_at == at).map(|p| p.id.clone()));
+                if !page.has_next || page.items.is_empty() || page.items.iter().any(|p| p.updated_at > at) {
+                    break;
+                }
+            }
+            if seen.len() as u64 >= size {
+                return Ok(());
+            }
+            tracing::warn!(%at, size, seen = seen.len(), attempt, "a group of procedures sharing one updated_at changed while being read; reading it again");
+        }
+        Err(SyncError::UnstableTieGroup {
+            at,
+            size,
+            attempts: self.options.tie_group_attempts,
+        })
+    }
+
+    async fn fetch(&mut self, page: u32, after: Option<OffsetDateTime>) -> Result<Page, SyncError> {
+        let query = PageQuery { page, after };
+        let page = tokio::select! {
+            page = self.client.fetch_page(query) => page?,
+            () = self.shutdown.cancelled() => return Err(SyncError::Interrupted),
+        };
+        self.pages += 1;
+        self.fetched += page.items.len() as u64;
+        self.rejected += page.rejected.len() as u64;
+        Ok(page)
+    }
+
+    async fn count(&mut self, after: Option<OffsetDateTime>) -> Result<u64, SyncError> {
+        tokio::select! {
+            n = self.client.count(after) => Ok(n?),
+            () = self.shutdown.cancelled() => Err(SyncError::Interrupted),
+        }
+    }
+
+    /// Commits a page, moving the stored watermark to `watermark` when that is forward.
+    async fn commit(&mut self, page: &Page, watermark: Option<OffsetDateTime>) -> Result<(), SyncError> {
+        let forward = watermark.filter(|w| self.stored.is_none_or(|s| *w > s));
+        if page.items.is_empty() && page.rejected.is_empty() && forward.is_none() {
+            return Ok(());
+        }
+        self.stats += self
+            .store
+            .write_page(&PageWrite {
+                run: self.run,
+                items: &page.items,
+                rejected: &page.rejected,
+                watermark: forward,
+                track_seen: self.mode == Mode::Backfill,
+            })
+            .await?;
+        if forward.is_some() {
+            self.stored = forward;
+        }
+        Ok(())
+    }
+
+    async fn commit_watermark(&mut self, at: OffsetDateTime) -> Result<(), SyncError> {
+        let empty = Page {
+            items: Vec::new(),
+            rejected: Vec::new(),
+            has_next: false,
+            total_count: 0,
+        };
+        self.commit(&empty, Some(at)).await
+    }
+}
+
+impl PassReport {
+    /// The one line a pass leaves in the log.
+    pub fn log(&self) {
+        tracing::info!(
+            run = self.run,
+            mode = self.mode.as_str(),
+            duration_ms = self.duration.as_millis() as u64,
+            pages = self.pages,
+            fetched = self.fetched,
+            inserted = self.stats.inserted,
+            updated = self.stats.updated,
+            unchanged = self.stats.unchanged,
+            deleted = self.deleted,
+            rejected = self.rejected,
+            watermark = self.watermark_after.map(crate::klarify::format_instant),
+            "sync pass succeeded"
+        );
+    }
+}
