@@ -130,7 +130,11 @@ impl Settings {
         .filter_map(|(from, to)| env.get(from).map(|v| (to.to_owned(), v.clone())))
         .collect();
         let settings: Settings = builder
-            .add_source(Environment::default().separator("__").source(Some(shortcuts)))
+            .add_source(
+                Environment::default()
+                    .separator("__")
+                    .source(Some(shortcuts)),
+            )
             .add_source(
                 Environment::with_prefix("KLARIFY_SYNC")
                     .prefix_separator("__")
@@ -169,20 +173,30 @@ impl Settings {
                 "must be https: plain http would send the access key in clear text (allowed only to 127.0.0.0/8, ::1 and localhost)",
             ));
         }
-        if needs_key && k.access_key.as_ref().is_none_or(|s| s.expose_secret().trim().is_empty()) {
+        if needs_key
+            && k.access_key
+                .as_ref()
+                .is_none_or(|s| s.expose_secret().trim().is_empty())
+        {
             return Err(invalid(
                 "klarify.access_key",
                 "is not set: set KLARIFY_ACCESS_KEY (or KLARIFY_ACCESS_KEY_FILE) to the key generated under Settings -> Integrations in Klarify",
             ));
         }
         if !(1..=1000).contains(&k.page_size) {
-            return Err(invalid("klarify.page_size", "must be between 1 and 1000 (Klarify advises 100)"));
+            return Err(invalid(
+                "klarify.page_size",
+                "must be between 1 and 1000 (Klarify advises 100)",
+            ));
         }
         if k.max_attempts == 0 {
             return Err(invalid("klarify.max_attempts", "must be at least 1"));
         }
         if k.request_timeout_secs == 0 {
-            return Err(invalid("klarify.request_timeout_secs", "must be at least 1"));
+            return Err(invalid(
+                "klarify.request_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if k.max_body_bytes < 1024 {
             return Err(invalid("klarify.max_body_bytes", "must be at least 1024"));
@@ -209,7 +223,12 @@ impl Settings {
     /// The database URL for this mode.
     pub fn database_url(&self, demo: bool) -> SecretString {
         self.database.url.clone().unwrap_or_else(|| {
-            if demo { DEMO_DATABASE_URL } else { DEFAULT_DATABASE_URL }.into()
+            if demo {
+                DEMO_DATABASE_URL
+            } else {
+                DEFAULT_DATABASE_URL
+            }
+            .into()
         })
     }
 
@@ -217,7 +236,10 @@ impl Settings {
         let k = &self.klarify;
         ClientSettings {
             base_url: k.base_url.clone(),
-            access_key: k.access_key.clone().unwrap_or_else(|| SecretString::from("")),
+            access_key: k
+                .access_key
+                .clone()
+                .unwrap_or_else(|| SecretString::from("")),
             page_size: k.page_size,
             request_timeout: Duration::from_secs(k.request_timeout_secs),
             max_attempts: k.max_attempts,
@@ -262,7 +284,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -272,11 +297,17 @@ mod tests {
     #[test]
     fn defaults_are_the_contracts() {
         let s = load(&[]).unwrap();
-        assert_eq!(s.klarify.base_url.as_str(), "https://integration.klarify.biz/");
+        assert_eq!(
+            s.klarify.base_url.as_str(),
+            "https://integration.klarify.biz/"
+        );
         assert_eq!(s.klarify.page_size, 100);
         assert_eq!(s.http.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(s.database_url(false).expose_secret(), "sqlite://klarify.db");
-        assert_eq!(s.database_url(true).expose_secret(), "sqlite://klarify-demo.db");
+        assert_eq!(
+            s.database_url(true).expose_secret(),
+            "sqlite://klarify-demo.db"
+        );
         assert!(s.klarify.access_key.is_none());
         s.validate(false).unwrap();
     }
@@ -293,7 +324,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.klarify.page_size, 50);
         assert_eq!(s.http.listen.port(), 9000);
-        assert_eq!(s.klarify.access_key.unwrap().expose_secret(), "short");
+        assert_eq!(
+            s.klarify.access_key.as_ref().unwrap().expose_secret(),
+            "short"
+        );
         assert_eq!(s.database_url(false).expose_secret(), "sqlite://full.db");
     }
 
@@ -301,11 +335,19 @@ mod tests {
     fn a_config_file_layers_under_the_environment() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("extra.toml");
-        std::fs::write(&path, "[klarify]\npage_size = 20\n[schedule]\ncron = \"*/10 * * * *\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[klarify]\npage_size = 20\n[schedule]\ncron = \"*/10 * * * *\"\n",
+        )
+        .unwrap();
         let s = Settings::load(Some(&path), &env(&[])).unwrap();
         assert_eq!(s.klarify.page_size, 20);
         assert_eq!(s.schedule.cron, "*/10 * * * *");
-        let s = Settings::load(Some(&path), &env(&[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "30")])).unwrap();
+        let s = Settings::load(
+            Some(&path),
+            &env(&[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "30")]),
+        )
+        .unwrap();
         assert_eq!(s.klarify.page_size, 30);
         let missing = Settings::load(Some(&dir.path().join("nope.toml")), &env(&[])).unwrap_err();
         assert!(missing.to_string().contains("nope.toml"), "{missing}");
@@ -324,19 +366,37 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "lots")], "page_size"),
-            (&[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "0")], "klarify.page_size"),
-            (&[("KLARIFY_SYNC__KLARIFY__BASE_URL", "http://klarify.example")], "klarify.base_url"),
-            (&[("KLARIFY_SYNC__KLARIFY__BASE_URL", "not a url")], "base_url"),
+            (
+                &[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "0")],
+                "klarify.page_size",
+            ),
+            (
+                &[("KLARIFY_SYNC__KLARIFY__BASE_URL", "http://klarify.example")],
+                "klarify.base_url",
+            ),
+            (
+                &[("KLARIFY_SYNC__KLARIFY__BASE_URL", "not a url")],
+                "base_url",
+            ),
             (&[("DATABASE_URL", "mysql://x")], "database.url"),
-            (&[("KLARIFY_SYNC__SCHEDULE__CRON", "every now and then")], "schedule.cron"),
+            (
+                &[("KLARIFY_SYNC__SCHEDULE__CRON", "every now and then")],
+                "schedule.cron",
+            ),
             (&[("KLARIFY_SYNC__HTTP__LISTEN", "port 80")], "listen"),
-            (&[("KLARIFY_SYNC__SYNC__MAX_DELETE_SHARE", "2")], "sync.max_delete_share"),
+            (
+                &[("KLARIFY_SYNC__SYNC__MAX_DELETE_SHARE", "2")],
+                "sync.max_delete_share",
+            ),
             (&[("KLARIFY_SYNC__LOG__FORMAT", "xml")], "format"),
         ];
         for (pairs, key) in cases {
             let mut pairs = pairs.to_vec();
             pairs.push(("KLARIFY_ACCESS_KEY", "k"));
-            let err = load(&pairs).and_then(|s| s.validate(true)).unwrap_err().to_string();
+            let err = load(&pairs)
+                .and_then(|s| s.validate(true))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{pairs:?}: {err}");
         }
     }
@@ -351,12 +411,29 @@ mod tests {
 
     #[test]
     fn plain_http_only_to_loopback() {
-        for ok in ["http://127.0.0.1:1234", "http://localhost:1", "http://[::1]:80", "https://x.example"] {
-            let s = load(&[("KLARIFY_SYNC__KLARIFY__BASE_URL", ok), ("KLARIFY_ACCESS_KEY", "k")]).unwrap();
+        for ok in [
+            "http://127.0.0.1:1234",
+            "http://localhost:1",
+            "http://[::1]:80",
+            "https://x.example",
+        ] {
+            let s = load(&[
+                ("KLARIFY_SYNC__KLARIFY__BASE_URL", ok),
+                ("KLARIFY_ACCESS_KEY", "k"),
+            ])
+            .unwrap();
             s.validate(true).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["http://10.0.0.1", "http://localhost.evil.example", "ftp://127.0.0.1"] {
-            let s = load(&[("KLARIFY_SYNC__KLARIFY__BASE_URL", bad), ("KLARIFY_ACCESS_KEY", "k")]).unwrap();
+        for bad in [
+            "http://10.0.0.1",
+            "http://localhost.evil.example",
+            "ftp://127.0.0.1",
+        ] {
+            let s = load(&[
+                ("KLARIFY_SYNC__KLARIFY__BASE_URL", bad),
+                ("KLARIFY_ACCESS_KEY", "k"),
+            ])
+            .unwrap();
             assert!(s.validate(true).is_err(), "{bad} accepted");
         }
     }
@@ -369,6 +446,9 @@ mod tests {
         ])
         .unwrap();
         let shown = format!("{s:?}");
-        assert!(!shown.contains("super-secret-key") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("super-secret-key") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

@@ -23,7 +23,10 @@ use crate::sync::{run_pass, Mode, SyncError, SyncOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot listen on {addr}: {source}; change http.listen (KLARIFY_SYNC__HTTP__LISTEN)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the scheduler failed: {0}")]
     Scheduler(#[from] JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
@@ -53,18 +56,26 @@ impl Daemon {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Bind { addr, source })?;
-        Ok(BoundDaemon { daemon: self, listener })
+        Ok(BoundDaemon {
+            daemon: self,
+            listener,
+        })
     }
 }
 
 impl BoundDaemon {
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves and syncs until `shutdown` completes; then lets the page in flight finish (or
     /// drops an unfinished request) and returns.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), DaemonError> {
         let Daemon {
             client,
             store,
@@ -145,7 +156,15 @@ impl SyncLoop {
     async fn run(self) {
         let mut backoff = self.backoff();
         loop {
-            let retry_in = match run_pass(&self.client, &self.store, Mode::Incremental, &self.options, &self.token).await {
+            let retry_in = match run_pass(
+                &self.client,
+                &self.store,
+                Mode::Incremental,
+                &self.options,
+                &self.token,
+            )
+            .await
+            {
                 Ok(report) => {
                     report.log();
                     self.readiness.pass_succeeded();

@@ -13,7 +13,11 @@ const PROCEDURES: usize = 250;
 
 /// Starts the demo organisation, which edits, adds and removes a few procedures every few seconds.
 pub async fn start() -> std::io::Result<FakeKlarify> {
-    let source = FakeKlarify::start(Organisation::generate(2024, PROCEDURES), FakeOptions::default()).await?;
+    let source = FakeKlarify::start(
+        Organisation::generate(2024, PROCEDURES),
+        FakeOptions::default(),
+    )
+    .await?;
     let churn = Churn {
         edits: 3,
         inserts: 1,

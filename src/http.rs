@@ -60,7 +60,11 @@ impl Readiness {
         match ping {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(json!({"reason": "database_down", "detail": e.to_string()})),
-            Err(_) => return Err(json!({"reason": "database_down", "detail": "the database did not answer within 2s"})),
+            Err(_) => {
+                return Err(
+                    json!({"reason": "database_down", "detail": "the database did not answer within 2s"}),
+                )
+            }
         }
         let h = self.health.lock().expect("health lock poisoned");
         let last_success = h.last_success.map(format_instant);
@@ -73,7 +77,9 @@ impl Readiness {
             }));
         }
         let Some(at) = h.last_success else {
-            return Err(json!({"reason": "never_synced", "detail": "no sync pass has succeeded yet"}));
+            return Err(
+                json!({"reason": "never_synced", "detail": "no sync pass has succeeded yet"}),
+            );
         };
         if OffsetDateTime::now_utc() - at > self.max_staleness {
             return Err(json!({
@@ -92,7 +98,9 @@ fn reason_code(error: &SyncError) -> &'static str {
         SyncError::Klarify(KlarifyError::KeyRejected) => "key_rejected",
         SyncError::Klarify(_) => "api_unreachable",
         SyncError::Store(_) => "database_error",
-        SyncError::Unordered(_) | SyncError::UnstableTieGroup { .. } | SyncError::Stuck => "api_inconsistent",
+        SyncError::Unordered(_) | SyncError::UnstableTieGroup { .. } | SyncError::Stuck => {
+            "api_inconsistent"
+        }
         SyncError::Interrupted => "shutting_down",
     }
 }
@@ -117,7 +125,10 @@ async fn readyz(State(r): State<Readiness>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(),
     )
         .into_response()

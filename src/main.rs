@@ -74,7 +74,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
     if cli.once || cli.backfill {
-        let mode = if cli.backfill { Mode::Backfill } else { Mode::Incremental };
+        let mode = if cli.backfill {
+            Mode::Backfill
+        } else {
+            Mode::Incremental
+        };
         let report = run_pass(&client, &store, mode, &options, &shutdown).await?;
         report.log();
         store.close().await;

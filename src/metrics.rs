@@ -13,7 +13,9 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// share it.
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        let seconds = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+        let seconds = [
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+        ];
         PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
             .expect("the bucket list is not empty")
@@ -31,7 +33,8 @@ pub fn render() -> String {
 /// Records the end of a pass, whatever its outcome.
 pub fn record_pass(mode: Mode, outcome: &'static str, r: &RunRecord) {
     let mode = mode.as_str();
-    metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome).increment(1);
+    metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome)
+        .increment(1);
     for (change, n) in [
         ("inserted", r.stats.inserted),
         ("updated", r.stats.updated),

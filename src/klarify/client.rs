@@ -199,7 +199,9 @@ impl KlarifyClient {
                 KlarifyError::KeyRejected => "404".to_owned(),
                 KlarifyError::Timeout { .. } => "timeout".to_owned(),
                 KlarifyError::Unreachable { .. } => "unreachable".to_owned(),
-                KlarifyError::Malformed { .. } | KlarifyError::TooLarge { .. } => "bad_body".to_owned(),
+                KlarifyError::Malformed { .. } | KlarifyError::TooLarge { .. } => {
+                    "bad_body".to_owned()
+                }
             },
         };
         metrics::counter!("klarify_api_requests_total", "status" => status).increment(1);
@@ -209,7 +211,10 @@ impl KlarifyClient {
 
     async fn request(&self, query: PageQuery, page_size: u32) -> Result<Page, Failure> {
         let mut params = vec![
-            ("access_key", self.settings.access_key.expose_secret().to_owned()),
+            (
+                "access_key",
+                self.settings.access_key.expose_secret().to_owned(),
+            ),
             ("page", query.page.to_string()),
             ("pageSize", page_size.to_string()),
             ("sort", "updated_at,asc".to_owned()),
@@ -254,7 +259,11 @@ impl KlarifyClient {
             return Err(too_large);
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(e))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(e))?
+        {
             if body.len() + chunk.len() > limit {
                 return Err(too_large);
             }

@@ -113,7 +113,9 @@ pub fn parse_item(raw: &str) -> Result<Procedure, String> {
     let updated_at = item
         .updated_at
         .ok_or_else(|| "missing `updated_at`".to_owned())
-        .and_then(|s| parse_instant(&s).map_err(|e| format!("unparsable `updated_at` {s:?}: {e}")))?;
+        .and_then(|s| {
+            parse_instant(&s).map_err(|e| format!("unparsable `updated_at` {s:?}: {e}"))
+        })?;
     Ok(Procedure {
         id,
         name: item.name,
@@ -138,7 +140,8 @@ pub fn parse_instant(s: &str) -> Result<OffsetDateTime, time::error::Parse> {
 pub fn normalise(t: OffsetDateTime) -> OffsetDateTime {
     let t = t.to_offset(UtcOffset::UTC);
     let micros = t.microsecond();
-    t.replace_microsecond(micros).expect("a microsecond taken from a valid instant is valid")
+    t.replace_microsecond(micros)
+        .expect("a microsecond taken from a valid instant is valid")
 }
 
 /// The one text form of an instant used in SQLite columns, the cursor and the API query:
@@ -189,7 +192,8 @@ mod tests {
 
     #[test]
     fn nulls_and_missing_fields_are_empty_not_errors() {
-        let p = parse_item(r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","lanes":null}"#).unwrap();
+        let p =
+            parse_item(r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","lanes":null}"#).unwrap();
         assert_eq!(p.name, None);
         assert!(p.lanes.is_empty() && p.called_within.is_empty() && p.called_from.is_empty());
     }
@@ -197,11 +201,23 @@ mod tests {
     #[test]
     fn malformed_items_are_rejected_with_a_reason() {
         for (raw, reason) in [
-            (r#"{"updated_at":"2024-01-15T14:30:00Z"}"#, "missing or empty `id`"),
+            (
+                r#"{"updated_at":"2024-01-15T14:30:00Z"}"#,
+                "missing or empty `id`",
+            ),
             (r#"{"id":"1"}"#, "missing `updated_at`"),
-            (r#"{"id":"1","updated_at":"yesterday"}"#, "unparsable `updated_at`"),
-            (r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","lanes":"HR"}"#, "not a valid item"),
-            (r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","lanes":[null]}"#, "not a valid item"),
+            (
+                r#"{"id":"1","updated_at":"yesterday"}"#,
+                "unparsable `updated_at`",
+            ),
+            (
+                r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","lanes":"HR"}"#,
+                "not a valid item",
+            ),
+            (
+                r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","lanes":[null]}"#,
+                "not a valid item",
+            ),
             (r#"[1,2]"#, "not a valid item"),
         ] {
             let err = parse_item(raw).unwrap_err();

@@ -59,7 +59,8 @@ const CLEAR_SEEN: &str = "DELETE FROM sync_seen WHERE run_id <= $1";
 const LIVE_LANES: &str = "SELECT l.procedure_id, l.lane FROM procedure_lanes l \
      JOIN procedures p ON p.id = l.procedure_id WHERE p.deleted_at IS NULL \
      ORDER BY l.procedure_id, l.position";
-const LIVE_CALLS: &str = "SELECT c.procedure_id, c.relation, c.related_name FROM procedure_calls c \
+const LIVE_CALLS: &str =
+    "SELECT c.procedure_id, c.relation, c.related_name FROM procedure_calls c \
      JOIN procedures p ON p.id = c.procedure_id WHERE p.deleted_at IS NULL \
      ORDER BY c.procedure_id, c.relation, c.position";
 
@@ -74,7 +75,11 @@ pub enum StoreError {
     #[error("the database holds a value klarify-sync cannot read: {0}")]
     Corrupt(String),
     #[error("refusing to mark {unseen} of {live} live procedures deleted (more than sync.max_delete_share = {max_share}): so many disappearing at once looks like an API fault. Nothing was marked; check Klarify, then rerun --backfill or raise sync.max_delete_share")]
-    DeletionGuard { unseen: u64, live: u64, max_share: f64 },
+    DeletionGuard {
+        unseen: u64,
+        live: u64,
+        max_share: f64,
+    },
 }
 
 /// Identifies one row of `sync_runs`.
@@ -132,7 +137,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("backend", &self.dialect.name).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.dialect.name)
+            .finish()
     }
 }
 
@@ -147,7 +154,10 @@ impl Store {
         };
         let kind = database_kind(raw).map_err(|e| connect_error(&e))?;
         let (dialect, url) = match kind {
-            DatabaseKind::Sqlite => (&sqlite::DIALECT, sqlite::prepare(raw).await.map_err(|e| connect_error(&e))?),
+            DatabaseKind::Sqlite => (
+                &sqlite::DIALECT,
+                sqlite::prepare(raw).await.map_err(|e| connect_error(&e))?,
+            ),
             DatabaseKind::Postgres => (&postgres::DIALECT, raw.to_owned()),
         };
         let pool = AnyPoolOptions::new()
@@ -174,12 +184,18 @@ impl Store {
     /// The stored cursor: every procedure modified up to it has been written.
     #[tracing::instrument(skip_all)]
     pub async fn watermark(&self) -> Result<Option<OffsetDateTime>, StoreError> {
-        let row: Option<(Option<String>,)> = sqlx::query_as(GET_WATERMARK).fetch_optional(&self.pool).await?;
+        let row: Option<(Option<String>,)> = sqlx::query_as(GET_WATERMARK)
+            .fetch_optional(&self.pool)
+            .await?;
         row.and_then(|(w,)| w).map(|w| parse_stored(&w)).transpose()
     }
 
     #[tracing::instrument(skip_all)]
-    pub async fn begin_run(&self, mode: &str, watermark: Option<OffsetDateTime>) -> Result<RunId, StoreError> {
+    pub async fn begin_run(
+        &self,
+        mode: &str,
+        watermark: Option<OffsetDateTime>,
+    ) -> Result<RunId, StoreError> {
         let (id,): (i64,) = sqlx::query_as(self.dialect.begin_run)
             .bind(now_text())
             .bind(mode)
@@ -235,8 +251,11 @@ impl Store {
             let hash = content_hash(&p.raw);
             let counter = match stored.get(&p.id) {
                 None => &mut stats.inserted,
-                // An older copy (re-reads arrive out of order) or the same content: leave the row be.
-                Some(s) if s.updated_at > p.updated_at || (s.content_hash == hash && !s.deleted) => {
+                // An older copy (re-reads arrive out of order) or the same content: leave the row
+                // be. A row marked deleted takes whatever is served: the API says it exists.
+                Some(s)
+                    if !s.deleted && (s.updated_at > p.updated_at || s.content_hash == hash) =>
+                {
                     stats.unchanged += 1;
                     continue;
                 }
@@ -248,16 +267,32 @@ impl Store {
         }
         if !rows.is_empty() {
             let changed = json(&rows.iter().map(|r| r.id).collect::<Vec<_>>());
-            sqlx::query(d.upsert_procedures).bind(json(&rows)).bind(&now).execute(&mut *tx).await?;
-            sqlx::query(d.delete_lanes).bind(&changed).execute(&mut *tx).await?;
-            sqlx::query(d.delete_calls).bind(&changed).execute(&mut *tx).await?;
+            sqlx::query(d.upsert_procedures)
+                .bind(json(&rows))
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(d.delete_lanes)
+                .bind(&changed)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(d.delete_calls)
+                .bind(&changed)
+                .execute(&mut *tx)
+                .await?;
             let lanes = LaneRow::all(&written);
             if !lanes.is_empty() {
-                sqlx::query(d.insert_lanes).bind(json(&lanes)).execute(&mut *tx).await?;
+                sqlx::query(d.insert_lanes)
+                    .bind(json(&lanes))
+                    .execute(&mut *tx)
+                    .await?;
             }
             let calls = CallRow::all(&written);
             if !calls.is_empty() {
-                sqlx::query(d.insert_calls).bind(json(&calls)).execute(&mut *tx).await?;
+                sqlx::query(d.insert_calls)
+                    .bind(json(&calls))
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         if !page.rejected.is_empty() {
@@ -269,16 +304,27 @@ impl Store {
                 .await?;
             for (hash, _) in fresh.iter().filter(|(_, is_new)| *is_new != 0) {
                 if let Some(r) = rejected.iter().find(|r| &r.raw_hash == hash) {
-                    tracing::warn!(reason = r.reason, raw = r.raw, "Klarify served an item that cannot be understood; kept in rejected_items");
+                    tracing::warn!(
+                        reason = r.reason,
+                        raw = r.raw,
+                        "Klarify served an item that cannot be understood; kept in rejected_items"
+                    );
                     stats.new_rejected += 1;
                 }
             }
         }
         if page.track_seen && !items.is_empty() {
-            sqlx::query(d.insert_seen).bind(page.run).bind(&ids).execute(&mut *tx).await?;
+            sqlx::query(d.insert_seen)
+                .bind(page.run)
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(w) = page.watermark {
-            sqlx::query(SET_WATERMARK).bind(format_instant(w)).execute(&mut *tx).await?;
+            sqlx::query(SET_WATERMARK)
+                .bind(format_instant(w))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(stats)
@@ -290,13 +336,24 @@ impl Store {
     pub async fn mark_unseen_deleted(&self, run: RunId, max_share: f64) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (live,): (i64,) = sqlx::query_as(COUNT_LIVE).fetch_one(&mut *tx).await?;
-        let (unseen,): (i64,) = sqlx::query_as(COUNT_UNSEEN).bind(run).fetch_one(&mut *tx).await?;
+        let (unseen,): (i64,) = sqlx::query_as(COUNT_UNSEEN)
+            .bind(run)
+            .fetch_one(&mut *tx)
+            .await?;
         let (live, unseen) = (live.max(0) as u64, unseen.max(0) as u64);
         if unseen > 0 && unseen as f64 > max_share * live as f64 {
-            return Err(StoreError::DeletionGuard { unseen, live, max_share });
+            return Err(StoreError::DeletionGuard {
+                unseen,
+                live,
+                max_share,
+            });
         }
         if unseen > 0 {
-            sqlx::query(self.dialect.mark_deleted).bind(run).bind(now_text()).execute(&mut *tx).await?;
+            sqlx::query(self.dialect.mark_deleted)
+                .bind(run)
+                .bind(now_text())
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query(CLEAR_SEEN).bind(run).execute(&mut *tx).await?;
         tx.commit().await?;
@@ -309,7 +366,10 @@ impl Store {
     pub async fn live_procedures(&self) -> Result<Vec<Procedure>, StoreError> {
         let mut procs = Vec::new();
         let mut index = HashMap::new();
-        for row in sqlx::query(self.dialect.live_procedures).fetch_all(&self.pool).await? {
+        for row in sqlx::query(self.dialect.live_procedures)
+            .fetch_all(&self.pool)
+            .await?
+        {
             let p = Procedure {
                 id: row.try_get(0)?,
                 name: row.try_get(1)?,
@@ -330,7 +390,8 @@ impl Store {
         for (id, lane) in lanes {
             procs[index[&id]].lanes.push(lane);
         }
-        let calls: Vec<(String, String, String)> = sqlx::query_as(LIVE_CALLS).fetch_all(&self.pool).await?;
+        let calls: Vec<(String, String, String)> =
+            sqlx::query_as(LIVE_CALLS).fetch_all(&self.pool).await?;
         for (id, relation, name) in calls {
             let p = &mut procs[index[&id]];
             match relation.as_str() {
@@ -428,7 +489,10 @@ impl<'a> CallRow<'a> {
     fn all(procs: &[&'a Procedure]) -> Vec<Self> {
         let mut rows = Vec::new();
         for p in procs {
-            for (relation, names) in [("called_within", &p.called_within), ("called_from", &p.called_from)] {
+            for (relation, names) in [
+                ("called_within", &p.called_within),
+                ("called_from", &p.called_from),
+            ] {
                 rows.extend(names.iter().enumerate().map(|(position, name)| CallRow {
                     procedure_id: &p.id,
                     relation,
@@ -477,7 +541,10 @@ fn latest_per_id(items: &[Procedure]) -> Vec<&Procedure> {
 }
 
 fn content_hash(raw: &str) -> String {
-    Sha256::digest(raw.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(raw.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn json<T: Serialize + ?Sized>(value: &T) -> String {
@@ -510,14 +577,20 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://u:hunter2@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
         assert_eq!(redact_url("sqlite://klarify.db"), "sqlite://klarify.db");
     }
 
     #[test]
     fn the_newest_copy_of_a_duplicated_id_wins() {
         let item = |id: &str, ts: &str, name: &str| {
-            crate::klarify::parse_item(&format!(r#"{{"id":"{id}","updated_at":"{ts}","name":"{name}"}}"#)).unwrap()
+            crate::klarify::parse_item(&format!(
+                r#"{{"id":"{id}","updated_at":"{ts}","name":"{name}"}}"#
+            ))
+            .unwrap()
         };
         let page = [
             item("a", "2024-01-01T00:00:02Z", "a-new"),
@@ -525,7 +598,10 @@ mod tests {
             item("a", "2024-01-01T00:00:01Z", "a-old"),
             item("b", "2024-01-01T00:00:00Z", "b-last"),
         ];
-        let names: Vec<_> = latest_per_id(&page).iter().map(|p| p.name.clone().unwrap()).collect();
+        let names: Vec<_> = latest_per_id(&page)
+            .iter()
+            .map(|p| p.name.clone().unwrap())
+            .collect();
         assert_eq!(names, ["a-new", "b-last"]);
     }
 }

@@ -6,7 +6,11 @@ use super::Dialect;
 /// `updated_at` as RFC 3339 UTC text with six fractional digits, like SQLite's columns.
 macro_rules! rfc3339 {
     ($col:literal) => {
-        concat!("to_char(", $col, " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        concat!(
+            "to_char(",
+            $col,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        )
     };
 }
 
@@ -29,7 +33,7 @@ pub(super) static DIALECT: Dialect = Dialect {
             owner = excluded.owner, performer = excluded.performer, updated_at = excluded.updated_at, \
             url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
             synced_at = excluded.synced_at, deleted_at = NULL \
-        WHERE procedures.updated_at <= excluded.updated_at",
+        WHERE procedures.deleted_at IS NOT NULL OR procedures.updated_at <= excluded.updated_at",
     delete_lanes: "DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
     delete_calls: "DELETE FROM procedure_calls WHERE procedure_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
     insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \
@@ -42,7 +46,7 @@ pub(super) static DIALECT: Dialect = Dialect {
         SELECT r.raw_hash, r.raw, r.reason, $2::timestamptz, $2::timestamptz \
         FROM jsonb_to_recordset($1::jsonb) AS r(raw_hash text, raw text, reason text) \
         ON CONFLICT (raw_hash) DO UPDATE SET seen_at = excluded.seen_at, reason = excluded.reason \
-        RETURNING raw_hash, (first_seen_at = seen_at)::int8",
+        RETURNING raw_hash, (first_seen_at = seen_at)::int::int8",
     insert_seen: "INSERT INTO sync_seen (run_id, procedure_id) \
         SELECT $1, x FROM jsonb_array_elements_text($2::jsonb) AS x ON CONFLICT DO NOTHING",
     begin_run: "INSERT INTO sync_runs (started_at, mode, outcome, watermark_before) \

@@ -23,7 +23,7 @@ pub(super) static DIALECT: Dialect = Dialect {
             owner = excluded.owner, performer = excluded.performer, updated_at = excluded.updated_at, \
             url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
             synced_at = excluded.synced_at, deleted_at = NULL \
-        WHERE procedures.updated_at <= excluded.updated_at",
+        WHERE procedures.deleted_at IS NOT NULL OR procedures.updated_at <= excluded.updated_at",
     delete_lanes: "DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT value FROM json_each($1))",
     delete_calls: "DELETE FROM procedure_calls WHERE procedure_id IN (SELECT value FROM json_each($1))",
     insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \

@@ -68,20 +68,33 @@ mod tests {
 
     #[test]
     fn advances_to_just_below_the_newest_item() {
-        let page = at(&["2024-01-01T00:00:01Z", "2024-01-01T00:00:02Z", "2024-01-01T00:00:02Z"]);
-        assert_eq!(step(&page, true), Step::Advance(datetime!(2024-01-01 00:00:01.999999 UTC)));
+        let page = at(&[
+            "2024-01-01T00:00:01Z",
+            "2024-01-01T00:00:02Z",
+            "2024-01-01T00:00:02Z",
+        ]);
+        assert_eq!(
+            step(&page, true),
+            Step::Advance(datetime!(2024-01-01 00:00:01.999999 UTC))
+        );
     }
 
     #[test]
     fn a_page_of_one_instant_is_a_tie_group() {
         let page = at(&["2024-01-01T00:00:02Z", "2024-01-01T00:00:02Z"]);
-        assert_eq!(step(&page, true), Step::TieGroup(datetime!(2024-01-01 00:00:02 UTC)));
+        assert_eq!(
+            step(&page, true),
+            Step::TieGroup(datetime!(2024-01-01 00:00:02 UTC))
+        );
     }
 
     #[test]
     fn the_last_page_ends_the_pass_at_its_newest_item() {
         let page = at(&["2024-01-01T00:00:01Z", "2024-01-01T00:00:03Z"]);
-        assert_eq!(step(&page, false), Step::Done(Some(datetime!(2024-01-01 00:00:03 UTC))));
+        assert_eq!(
+            step(&page, false),
+            Step::Done(Some(datetime!(2024-01-01 00:00:03 UTC)))
+        );
         assert_eq!(step(&[], false), Step::Done(None));
         assert_eq!(step(&[], true), Step::Stuck);
     }

@@ -47,7 +47,9 @@ pub enum SyncError {
     Klarify(#[from] KlarifyError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("Klarify broke its paging promise: {0}; nothing past the last good page was committed")]
+    #[error(
+        "Klarify broke its paging promise: {0}; nothing past the last good page was committed"
+    )]
     Unordered(String),
     #[error("the {size} procedures sharing updated_at {at} kept changing while being read ({attempts} attempts); the watermark stays before them and the next pass reads them again")]
     UnstableTieGroup {
@@ -104,7 +106,11 @@ pub async fn run_pass(
     };
     let outcome = pass.run().await;
     let deleted = match (&outcome, mode) {
-        (Ok(()), Mode::Backfill) => store.mark_unseen_deleted(run, options.max_delete_share).await,
+        (Ok(()), Mode::Backfill) => {
+            store
+                .mark_unseen_deleted(run, options.max_delete_share)
+                .await
+        }
         _ => Ok(0),
     };
     let outcome = outcome.and_then(|()| deleted.map_err(SyncError::from));
@@ -195,7 +201,11 @@ impl Pass<'_> {
 
     /// Reads every item whose `updated_at` is `at`, by page number under a fixed cursor, and
     /// proves the reading complete by count (docs/sync.md, "Tie groups").
-    async fn read_tie_group(&mut self, cursor: Option<OffsetDateTime>, at: OffsetDateTime) -> Result<(), SyncError> {
+    async fn read_tie_group(
+        &mut self,
+        cursor: Option<OffsetDateTime>,
+        at: OffsetDateTime,
+    ) -> Result<(), SyncError> {
         let mut size = 0;
         for attempt in 1..=self.options.tie_group_attempts {
             // Newer first: an item leaving the group between the two counts is then counted
@@ -207,8 +217,16 @@ impl Pass<'_> {
                 let page = self.fetch(number, cursor).await?;
                 check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
                 self.commit(&page, None).await?;
-                seen.extend(page.items.iter().filter(|p| p.updated_at == at).map(|p| p.id.clone()));
-                if !page.has_next || page.items.is_empty() || page.items.iter().any(|p| p.updated_at > at) {
+                seen.extend(
+                    page.items
+                        .iter()
+                        .filter(|p| p.updated_at == at)
+                        .map(|p| p.id.clone()),
+                );
+                if !page.has_next
+                    || page.items.is_empty()
+                    || page.items.iter().any(|p| p.updated_at > at)
+                {
                     break;
                 }
             }
@@ -244,7 +262,11 @@ impl Pass<'_> {
     }
 
     /// Commits a page, moving the stored watermark to `watermark` when that is forward.
-    async fn commit(&mut self, page: &Page, watermark: Option<OffsetDateTime>) -> Result<(), SyncError> {
+    async fn commit(
+        &mut self,
+        page: &Page,
+        watermark: Option<OffsetDateTime>,
+    ) -> Result<(), SyncError> {
         let forward = watermark.filter(|w| self.stored.is_none_or(|s| *w > s));
         if page.items.is_empty() && page.rejected.is_empty() && forward.is_none() {
             return Ok(());
