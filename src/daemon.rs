@@ -76,6 +76,7 @@ impl BoundDaemon {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), DaemonError> {
+        tracing::info!(addr = %self.local_addr(), "serving /healthz, /readyz and /metrics");
         let Daemon {
             client,
             store,

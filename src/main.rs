@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use klarify_sync::config::Settings;
 use klarify_sync::daemon::Daemon;
 use klarify_sync::klarify::KlarifyClient;
@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Run one incremental sync from the stored watermark, then exit.
     #[arg(long, conflicts_with_all = ["backfill", "demo"])]
     once: bool,
@@ -34,10 +36,20 @@ struct Cli {
     config: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Exit 0 when the daemon's /healthz answers (for container health checks).
+    Healthcheck,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let outcome = match cli.command {
+        Some(Command::Healthcheck) => healthcheck(cli.config).await,
+        None => run(cli).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("klarify-sync: {e:#}");
@@ -112,4 +124,25 @@ async fn cancel_on_signal(token: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
     }
     token.cancel();
+}
+
+/// Asks the daemon configured by the same layers for `/healthz`; a wildcard listen address is
+/// reached on loopback.
+async fn healthcheck(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
+    let mut addr = settings.http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}/healthz"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "/healthz answered {}",
+        response.status()
+    );
+    Ok(())
 }

@@ -1,5 +1,7 @@
 //! Logging: readable on a terminal, JSON for log collectors; `RUST_LOG` beats `log.filter`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -12,7 +14,8 @@ pub fn init(settings: &LogSettings) {
         .unwrap_or_else(|| EnvFilter::new(&settings.filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = match settings.format {
         LogFormat::Json => builder
             .json()

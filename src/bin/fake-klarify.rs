@@ -1,0 +1,57 @@
+//! A stand-alone fake Klarify API on loopback, for trying klarify-sync by hand and for the
+//! container smoke test. Prints its base URL on the first line of stdout, then serves until
+//! stopped.
+
+use std::time::Duration;
+
+use clap::Parser;
+use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+
+/// Serves a generated organisation through the Klarify Integration API.
+#[derive(Debug, Parser)]
+struct Args {
+    /// How many procedures the organisation has.
+    #[arg(long, default_value_t = 500)]
+    procedures: usize,
+    /// Seeds the generated data, so two runs serve the same organisation.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The access key clients must send.
+    #[arg(long, env = "FAKE_KLARIFY_KEY", default_value = "test-key")]
+    key: String,
+    /// Edit a few procedures this often (seconds; 0 = never).
+    #[arg(long, default_value_t = 0)]
+    churn_every_secs: u64,
+    /// Added to every response, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let args = Args::parse();
+    let options = FakeOptions {
+        access_key: args.key,
+        latency: Duration::from_millis(args.latency_ms),
+        ..FakeOptions::default()
+    };
+    let fake =
+        FakeKlarify::start(Organisation::generate(args.seed, args.procedures), options).await?;
+    if args.churn_every_secs > 0 {
+        let churn = Churn {
+            edits: 3,
+            inserts: 1,
+            deletes: 1,
+            bulk: false,
+        };
+        fake.spawn_background_churn(Duration::from_secs(args.churn_every_secs), churn);
+    }
+    println!("{}", fake.base_url());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    fake.shutdown().await;
+    Ok(())
+}

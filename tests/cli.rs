@@ -1,0 +1,355 @@
+//! The binary as users run it: modes, exit codes, one-line errors, signals, and secrets that
+//! never show.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use common::{assert_same, source_of};
+use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
+use klarify_sync::store::Store;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const KEY: &str = "sekrit-key-4711";
+
+async fn fake(n: usize) -> FakeKlarify {
+    let opts = FakeOptions {
+        access_key: KEY.into(),
+        ..FakeOptions::default()
+    };
+    FakeKlarify::start(Organisation::generate(21, n), opts)
+        .await
+        .unwrap()
+}
+
+/// The binary with a clean environment pointing at `fake` and a SQLite file in `dir`.
+fn env_for(fake: &FakeKlarify, dir: &tempfile::TempDir) -> Vec<(String, String)> {
+    [
+        ("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url()),
+        ("KLARIFY_ACCESS_KEY", KEY.to_owned()),
+        (
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("m.db").display()),
+        ),
+        ("KLARIFY_SYNC__KLARIFY__RETRY_BASE_DELAY_MS", "1".to_owned()),
+        (
+            "KLARIFY_SYNC__KLARIFY__RETRY_MAX_DELAY_SECS",
+            "0".to_owned(),
+        ),
+        ("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        ("RUST_LOG", "trace".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary to completion off the async runtime, so the fake keeps serving.
+async fn run(env: Vec<(String, String)>, args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::cargo_bin("klarify-sync")
+            .unwrap()
+            .env_clear()
+            .current_dir(dir.path())
+            .envs(env)
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let output = Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !output.stdout.contains(KEY) && !output.stderr.contains(KEY),
+        "the access key was printed:\n{}\n{}",
+        output.stdout,
+        output.stderr
+    );
+    output
+}
+
+fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_owned(), value.to_owned()));
+}
+
+async fn mirror(dir: &tempfile::TempDir) -> Vec<klarify_sync::klarify::Procedure> {
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let store = Store::open(&url.into(), 1).await.unwrap();
+    store.live_procedures().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_and_backfill_mirror_the_source_and_exit_zero() {
+    let fake = fake(150).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(env_for(&fake, &dir), &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_same(&mirror(&dir).await, &source_of(&fake));
+    assert!(out.stdout.contains("sync pass succeeded"), "{}", out.stdout);
+
+    let victim = source_of(&fake)[0].id.clone();
+    fake.delete(&victim);
+    let out = run(env_for(&fake, &dir), &["--backfill"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_same(&mirror(&dir).await, &source_of(&fake));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_key_is_one_line_and_one_request() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "KLARIFY_ACCESS_KEY", "wrong-but-also-secret");
+    let out = run(env, &["--once"]).await;
+    assert!(!out.ok);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rejected the access key (HTTP 404)"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("KLARIFY_ACCESS_KEY"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("wrong-but-also-secret")
+            && !out.stdout.contains("wrong-but-also-secret")
+    );
+    assert_eq!(fake.requests(), 1, "no retry storm");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_configuration_ends_before_any_request() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        ("KLARIFY_ACCESS_KEY", None, "klarify.access_key"),
+        (
+            "KLARIFY_SYNC__KLARIFY__PAGE_SIZE",
+            Some("many"),
+            "page_size",
+        ),
+        (
+            "KLARIFY_SYNC__KLARIFY__BASE_URL",
+            Some("http://klarify.example.com"),
+            "must be https",
+        ),
+        ("DATABASE_URL", Some("mysql://db"), "database.url"),
+        (
+            "KLARIFY_SYNC__SCHEDULE__CRON",
+            Some("sometimes"),
+            "schedule.cron",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let mut env = env_for(&fake, &dir);
+        match value {
+            Some(v) => set(&mut env, key, v),
+            None => env.retain(|(k, _)| k != key),
+        }
+        for mode in [&["--once"][..], &[]] {
+            let out = run(env.clone(), mode).await;
+            assert!(!out.ok, "{key}: accepted");
+            assert_eq!(out.stderr.lines().count(), 1, "{key}: {}", out.stderr);
+            assert!(out.stderr.contains(expected), "{key}: {}", out.stderr);
+        }
+    }
+    assert_eq!(fake.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_database_is_one_line_without_its_password() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&fake, &dir);
+    set(
+        &mut env,
+        "DATABASE_URL",
+        "postgres://mirror:hunter2-pw@127.0.0.1:1/mirror",
+    );
+    let out = run(env, &["--once"]).await;
+    assert!(!out.ok);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("cannot open the database postgres://mirror:***@127.0.0.1:1/mirror"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("hunter2-pw") && !out.stdout.contains("hunter2-pw"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_failures_after_retries_are_one_line_and_keep_the_key_secret() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    fake.inject(
+        Fault::Status {
+            status: 500,
+            retry_after_secs: None,
+        },
+        100,
+    );
+    let out = run(env_for(&fake, &dir), &["--once"]).await;
+    assert!(!out.ok);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("HTTP 500 6 time(s)"), "{}", out.stderr);
+    assert_eq!(fake.requests(), 6, "bounded attempts");
+}
+
+/// A running daemon (or demo) and its stdout, line by line.
+struct Daemon {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Daemon {
+    fn spawn(env: Vec<(String, String)>, args: &[&str], dir: &tempfile::TempDir) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"))
+            .env_clear()
+            .envs(env)
+            .env("KLARIFY_SYNC__LOG__FORMAT", "json")
+            .current_dir(dir.path())
+            .args(args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    /// Reads log lines until one has `message`; returns it as JSON.
+    async fn wait_for(&mut self, message: &str) -> serde_json::Value {
+        let read = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                assert!(!line.contains(KEY), "the key was logged: {line}");
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == message {
+                        return v;
+                    }
+                }
+            }
+            panic!("the process ended before logging {message:?}");
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("timed out waiting for a log line")
+    }
+
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let drain = async { while let Ok(Some(_)) = self.lines.next_line().await {} };
+        let (status, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(self.child.wait(), drain)
+        })
+        .await
+        .expect("the daemon did not stop within 10s of SIGTERM");
+        status.unwrap()
+    }
+}
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
+    let fake = fake(120).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::spawn(env_for(&fake, &dir), &[], &dir);
+    let addr = daemon
+        .wait_for("serving /healthz, /readyz and /metrics")
+        .await["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    daemon.wait_for("sync pass succeeded").await;
+
+    assert_eq!(get(&addr, "/healthz").await.0, 200);
+    let (status, body) = get(&addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"klarify_sync_passes_total{mode="incremental",outcome="succeeded"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"klarify_sync_procedures_total{change="inserted"} 120"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(KEY));
+    assert_same(&mirror(&dir).await, &source_of(&fake));
+
+    assert!(
+        daemon.terminate().await.success(),
+        "exit code 0 after SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_reports_a_rejected_key_in_readyz_and_keeps_running() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "KLARIFY_ACCESS_KEY", "not-the-key");
+    let mut daemon = Daemon::spawn(env, &[], &dir);
+    let addr = daemon
+        .wait_for("serving /healthz, /readyz and /metrics")
+        .await["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    daemon.wait_for("sync pass failed").await;
+    let (status, body) = get(&addr, "/readyz").await;
+    assert_eq!(status, 503);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["reason"], "key_rejected", "{body}");
+    assert!(!body.to_string().contains("not-the-key"));
+    assert_eq!(get(&addr, "/healthz").await.0, 200, "alive, just not ready");
+    assert!(daemon.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_runs_without_a_key_or_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![
+        (
+            "DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("m.db").display()),
+        ),
+        (
+            "KLARIFY_SYNC__HTTP__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
+    ];
+    let mut demo = Daemon::spawn(env, &["--demo"], &dir);
+    let addr = demo
+        .wait_for("serving /healthz, /readyz and /metrics")
+        .await["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    demo.wait_for("sync pass succeeded").await;
+    assert_eq!(get(&addr, "/readyz").await.0, 200);
+    assert!(mirror(&dir).await.len() >= 250);
+    assert!(demo.terminate().await.success());
+}
