@@ -60,6 +60,8 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ScheduleSettings {
     pub cron: String,
+    /// Empty: no scheduled reconciliation.
+    pub backfill_cron: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +217,10 @@ impl Settings {
         }
         crate::schedule::parse_cron(&self.schedule.cron)
             .map_err(|reason| invalid("schedule.cron", reason))?;
+        if !self.schedule.backfill_cron.is_empty() {
+            crate::schedule::parse_cron(&self.schedule.backfill_cron)
+                .map_err(|reason| invalid("schedule.backfill_cron", reason))?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| invalid("log.filter", e.to_string()))?;
         Ok(())

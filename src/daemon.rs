@@ -6,10 +6,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{router, Readiness};
 use crate::klarify::KlarifyClient;
-use crate::store::Store;
+use crate::store::{LockGuard, LockKind, Store, StoreError};
 use crate::sync::{run_pass, Mode, SyncError, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub struct Daemon {
     pub options: SyncOptions,
     /// 6-field cron, as returned by [`crate::schedule::parse_cron`].
     pub cron: String,
+    /// When to run a full reconciliation (a backfill, deletions included); `None`: never.
+    pub backfill_cron: Option<String>,
     pub max_staleness: Duration,
     /// First and longest wait before a failed pass is retried (the next cron tick may come first).
     pub retry_delays: (Duration, Duration),
@@ -82,6 +85,7 @@ impl BoundDaemon {
             store,
             options,
             cron,
+            backfill_cron,
             max_staleness,
             retry_delays,
         } = self.daemon;
@@ -101,19 +105,19 @@ impl BoundDaemon {
         };
 
         let ticks = Arc::new(Notify::new());
+        let backfill_due = Arc::new(AtomicBool::new(false));
         let mut scheduler = JobScheduler::new().await?;
-        let job = {
-            let ticks = ticks.clone();
-            Job::new_async(cron.as_str(), move |_, _| {
-                let ticks = ticks.clone();
-                Box::pin(async move { ticks.notify_one() })
-            })?
-        };
-        let job_id = scheduler.add(job).await?;
-        scheduler.start().await?;
-        if let Ok(Some(next)) = scheduler.next_tick_for_job(job_id).await {
-            tracing::info!(%cron, next = %next, "scheduled");
+        add_job(&mut scheduler, &cron, &ticks, None).await?;
+        if let Some(backfill_cron) = &backfill_cron {
+            add_job(
+                &mut scheduler,
+                backfill_cron,
+                &ticks,
+                Some(backfill_due.clone()),
+            )
+            .await?;
         }
+        scheduler.start().await?;
 
         let sync = tokio::spawn({
             let token = token.clone();
@@ -124,6 +128,7 @@ impl BoundDaemon {
                     options,
                     readiness,
                     ticks,
+                    backfill_due,
                     token,
                     retry_delays,
                 };
@@ -149,6 +154,8 @@ struct SyncLoop {
     options: SyncOptions,
     readiness: Readiness,
     ticks: Arc<Notify>,
+    /// Set by the reconciliation schedule; the next pass is then a backfill.
+    backfill_due: Arc<AtomicBool>,
     token: CancellationToken,
     retry_delays: (Duration, Duration),
 }
@@ -156,30 +163,17 @@ struct SyncLoop {
 impl SyncLoop {
     async fn run(self) {
         let mut backoff = self.backoff();
+        let mut leader: Option<LockGuard> = None;
         loop {
-            let retry_in = match run_pass(
-                &self.client,
-                &self.store,
-                Mode::Incremental,
-                &self.options,
-                &self.token,
-            )
-            .await
-            {
-                Ok(report) => {
-                    report.log();
-                    self.readiness.pass_succeeded();
-                    backoff = self.backoff();
-                    None
-                }
+            let retry_in = match self.lead(&mut leader).await {
+                Ok(true) => self.pass(&mut backoff).await,
+                Ok(false) => None,
                 Err(SyncError::Interrupted) => return,
-                Err(e) => {
-                    self.readiness.pass_failed(&e);
-                    let wait = backoff.next().unwrap_or(self.retry_delays.1);
-                    tracing::error!(error = %e, retry_in = ?wait, "sync pass failed");
-                    Some(wait)
-                }
+                Err(e) => self.failed(&e, &mut backoff),
             };
+            if retry_in == Some(Duration::ZERO) {
+                return;
+            }
             let retry = async {
                 match retry_in {
                     Some(wait) => tokio::time::sleep(wait).await,
@@ -189,12 +183,71 @@ impl SyncLoop {
             tokio::select! {
                 () = self.ticks.notified() => {}
                 () = retry => {}
-                () = self.token.cancelled() => return,
+                () = self.token.cancelled() => break,
+            }
+        }
+        if let Some(guard) = leader {
+            guard.release().await;
+        }
+    }
+
+    /// Makes sure this instance holds the leader lock; `false` while another one does.
+    async fn lead(&self, leader: &mut Option<LockGuard>) -> Result<bool, SyncError> {
+        if let Some(guard) = leader {
+            if guard.is_held().await {
+                return Ok(true);
+            }
+            tracing::warn!("lost the leader lock (database connection cut); taking it again");
+            *leader = None;
+        }
+        match self.store.try_lock(LockKind::Leader).await? {
+            Some(guard) => {
+                tracing::info!("this instance leads: it runs the schedule");
+                *leader = Some(guard);
+                Ok(true)
+            }
+            None => {
+                self.readiness.standby();
+                Ok(false)
             }
         }
     }
 
-    fn backoff(&self) -> impl Iterator<Item = Duration> {
+    /// Runs one pass; returns when to retry (`None`: at the next tick; zero: stop).
+    async fn pass(&self, backoff: &mut ExponentialBackoff) -> Option<Duration> {
+        let mode = if self.backfill_due.swap(false, Ordering::SeqCst) {
+            Mode::Backfill
+        } else {
+            Mode::Incremental
+        };
+        match run_pass(&self.client, &self.store, mode, &self.options, &self.token).await {
+            Ok(report) => {
+                report.log();
+                self.readiness.pass_succeeded();
+                *backoff = self.backoff();
+                None
+            }
+            Err(SyncError::Interrupted) => Some(Duration::ZERO),
+            Err(e) => {
+                // A failed reconciliation is retried as one, except when it refused to delete:
+                // that needs a person, and the next scheduled one will look again.
+                let refused = matches!(e, SyncError::Store(StoreError::DeletionGuard { .. }));
+                if mode == Mode::Backfill && !refused {
+                    self.backfill_due.store(true, Ordering::SeqCst);
+                }
+                self.failed(&e, backoff)
+            }
+        }
+    }
+
+    fn failed(&self, e: &SyncError, backoff: &mut ExponentialBackoff) -> Option<Duration> {
+        self.readiness.pass_failed(e);
+        let wait = backoff.next().unwrap_or(self.retry_delays.1);
+        tracing::error!(error = %e, retry_in = ?wait, "sync pass failed");
+        Some(wait)
+    }
+
+    fn backoff(&self) -> ExponentialBackoff {
         ExponentialBuilder::default()
             .with_min_delay(self.retry_delays.0)
             .with_max_delay(self.retry_delays.1)
@@ -202,4 +255,30 @@ impl SyncLoop {
             .without_max_times()
             .build()
     }
+}
+
+/// Adds a cron job that wakes the sync loop, first marking a backfill due when `due` is given.
+async fn add_job(
+    scheduler: &mut JobScheduler,
+    cron: &str,
+    ticks: &Arc<Notify>,
+    due: Option<Arc<AtomicBool>>,
+) -> Result<(), DaemonError> {
+    let job = {
+        let ticks = ticks.clone();
+        Job::new_async(cron, move |_, _| {
+            let (ticks, due) = (ticks.clone(), due.clone());
+            Box::pin(async move {
+                if let Some(due) = due {
+                    due.store(true, Ordering::SeqCst);
+                }
+                ticks.notify_one();
+            })
+        })?
+    };
+    let id = scheduler.add(job).await?;
+    if let Ok(Some(next)) = scheduler.next_tick_for_job(id).await {
+        tracing::info!(%cron, next = %next, "scheduled");
+    }
+    Ok(())
 }

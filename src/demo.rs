@@ -8,6 +8,8 @@ use crate::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 
 /// Every 10 seconds, so edits made by the demo's churn show up quickly.
 pub const CRON: &str = "*/10 * * * * *";
+/// Every minute, so deletions show up too.
+pub const BACKFILL_CRON: &str = "0 * * * * *";
 
 const PROCEDURES: usize = 250;
 
@@ -21,7 +23,7 @@ pub async fn start() -> std::io::Result<FakeKlarify> {
     let churn = Churn {
         edits: 3,
         inserts: 1,
-        deletes: 0,
+        deletes: 1,
         bulk: false,
     };
     source.spawn_background_churn(Duration::from_secs(7), churn);

@@ -50,8 +50,19 @@ impl Readiness {
     }
 
     pub fn pass_failed(&self, error: &SyncError) {
+        self.not_ready(reason_code(error), error.to_string());
+    }
+
+    /// Another instance holds the leader lock: this one waits to take over.
+    pub fn standby(&self) {
+        let detail =
+            "another klarify-sync instance leads on this database; this one takes over if it stops";
+        self.not_ready("standby", detail.to_owned());
+    }
+
+    fn not_ready(&self, reason: &'static str, detail: String) {
         let mut h = self.health.lock().expect("health lock poisoned");
-        h.failure = Some((reason_code(error), error.to_string()));
+        h.failure = Some((reason, detail));
         h.failing_since.get_or_insert_with(OffsetDateTime::now_utc);
     }
 

@@ -67,6 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         settings.klarify.base_url = source.base_url().parse()?;
         settings.klarify.access_key = Some(source.access_key().into());
         settings.schedule.cron = demo::CRON.to_owned();
+        settings.schedule.backfill_cron = demo::BACKFILL_CRON.to_owned();
         Some(source)
     } else {
         None
@@ -102,6 +103,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         store: store.clone(),
         options,
         cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
+        backfill_cron: Some(settings.schedule.backfill_cron.as_str())
+            .filter(|c| !c.is_empty())
+            .map(schedule::parse_cron)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
         retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
     }

@@ -5,8 +5,11 @@
 //! passed to the database as one JSON array per statement (`json_each` / `jsonb_to_recordset`),
 //! so writing a page costs a handful of set-based statements whatever its size.
 
+mod lock;
 mod postgres;
 mod sqlite;
+
+pub use lock::{LockGuard, LockKind};
 
 use std::collections::HashMap;
 
@@ -72,6 +75,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("cannot take the sync lock: {0}")]
+    Lock(String),
     #[error("the database holds a value klarify-sync cannot read: {0}")]
     Corrupt(String),
     #[error("refusing to mark {unseen} of {live} live procedures deleted (more than sync.max_delete_share = {max_share}): so many disappearing at once looks like an API fault. Nothing was marked; check Klarify, then rerun --backfill or raise sync.max_delete_share")]
@@ -133,6 +138,7 @@ pub struct RunRecord {
 pub struct Store {
     pool: AnyPool,
     dialect: &'static Dialect,
+    locking: lock::Locking,
 }
 
 impl std::fmt::Debug for Store {
@@ -153,21 +159,25 @@ impl Store {
             reason: e.to_string(),
         };
         let kind = database_kind(raw).map_err(|e| connect_error(&e))?;
-        let (dialect, url) = match kind {
-            DatabaseKind::Sqlite => (
-                &sqlite::DIALECT,
-                sqlite::prepare(raw).await.map_err(|e| connect_error(&e))?,
-            ),
-            DatabaseKind::Postgres => (&postgres::DIALECT, raw.to_owned()),
+        let (dialect, locking) = match kind {
+            DatabaseKind::Sqlite => {
+                let file = sqlite::prepare(raw).await.map_err(|e| connect_error(&e))?;
+                (&sqlite::DIALECT, lock::Locking::Files(file))
+            }
+            DatabaseKind::Postgres => (&postgres::DIALECT, lock::Locking::Advisory),
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&url)
+            .connect(raw)
             .await
             .map_err(|e| connect_error(&e))?;
         dialect.migrator.run(&pool).await?;
-        Ok(Self { pool, dialect })
+        Ok(Self {
+            pool,
+            dialect,
+            locking,
+        })
     }
 
     pub fn backend(&self) -> &'static str {

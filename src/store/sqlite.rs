@@ -1,6 +1,7 @@
 //! SQLite: the embedded default. JSON arrays are unpacked with `json_each`; timestamps are
 //! RFC 3339 text in one fixed width, so they compare correctly as text.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
@@ -49,13 +50,14 @@ pub(super) static DIALECT: Dialect = Dialect {
 };
 
 /// Creates the file when missing and switches it to WAL once (the mode is stored in the file),
-/// so that BI readers never block a sync and a sync never blocks them. Returns the URL for the
-/// pool.
-pub(super) async fn prepare(url: &str) -> Result<String, sqlx::Error> {
+/// so that BI readers never block a sync and a sync never blocks them. Returns the database
+/// file, `None` for an in-memory database.
+pub(super) async fn prepare(url: &str) -> Result<Option<PathBuf>, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal);
     let conn = options.connect().await?;
     conn.close().await?;
-    Ok(url.to_owned())
+    let file = options.get_filename();
+    Ok((file != Path::new(":memory:")).then(|| file.to_owned()))
 }

@@ -13,7 +13,9 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::klarify::{KlarifyClient, KlarifyError, Page, PageQuery};
-use crate::store::{PageWrite, RunId, RunRecord, Store, StoreError, WriteStats};
+use crate::store::{
+    LockGuard, LockKind, PageWrite, RunId, RunRecord, Store, StoreError, WriteStats,
+};
 use cursor::{check_order, step, Step};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,40 @@ pub async fn run_pass(
     shutdown: &CancellationToken,
 ) -> Result<PassReport, SyncError> {
     let started = Instant::now();
+    let lock = pass_lock(store, shutdown).await?;
+    let result = locked_pass(client, store, mode, options, shutdown, started).await;
+    lock.release().await;
+    result
+}
+
+/// Waits until no other process is in a pass on this database.
+async fn pass_lock(store: &Store, shutdown: &CancellationToken) -> Result<LockGuard, SyncError> {
+    let mut told = false;
+    loop {
+        if let Some(guard) = store.try_lock(LockKind::Pass).await? {
+            return Ok(guard);
+        }
+        if !told {
+            tracing::info!(
+                "another klarify-sync is in a pass on this database; waiting for it to finish"
+            );
+            told = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return Err(SyncError::Interrupted),
+        }
+    }
+}
+
+async fn locked_pass(
+    client: &KlarifyClient,
+    store: &Store,
+    mode: Mode,
+    options: &SyncOptions,
+    shutdown: &CancellationToken,
+    started: Instant,
+) -> Result<PassReport, SyncError> {
     let watermark = store.watermark().await?;
     let run = store.begin_run(mode.as_str(), watermark).await?;
     tracing::Span::current().record("run", run);

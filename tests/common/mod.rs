@@ -126,6 +126,25 @@ impl Env {
     pub async fn assert_mirror_equals_source(&self) {
         assert_same(&self.mirror().await, &self.source());
     }
+
+    /// The same comparison as a condition, for polling a daemon.
+    pub async fn mirror_equals_source(&self) -> bool {
+        let normalise = |v: Vec<Procedure>| -> Vec<(Procedure, serde_json::Value)> {
+            v.into_iter()
+                .map(|p| {
+                    let raw = serde_json::from_str(&p.raw).unwrap();
+                    (
+                        Procedure {
+                            raw: String::new(),
+                            ..p
+                        },
+                        raw,
+                    )
+                })
+                .collect()
+        };
+        normalise(self.mirror().await) == normalise(self.source())
+    }
 }
 
 pub fn source_of(fake: &FakeKlarify) -> Vec<Procedure> {
