@@ -222,8 +222,9 @@ impl SyncLoop {
         };
         match run_pass(&self.client, &self.store, mode, &self.options, &self.token).await {
             Ok(report) => {
-                report.log();
+                // Ready before the log line says so: whoever reads the log may ask at once.
                 self.readiness.pass_succeeded();
+                report.log();
                 *backoff = self.backoff();
                 None
             }

@@ -12,7 +12,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::klarify::{format_instant, KlarifyError};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::sync::SyncError;
 
 /// What the sync loop last reported; `/readyz` judges it.
@@ -70,6 +70,9 @@ impl Readiness {
         let ping = tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await;
         match ping {
             Ok(Ok(())) => {}
+            Ok(Err(e @ StoreError::Schema { .. })) => {
+                return Err(json!({"reason": "schema_mismatch", "detail": e.to_string()}))
+            }
             Ok(Err(e)) => return Err(json!({"reason": "database_down", "detail": e.to_string()})),
             Err(_) => {
                 return Err(

@@ -1,16 +1,19 @@
 //! The `klarify-sync` binary: parses the command line, loads the configuration, sets up
 //! logging and signals, and hands over to the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use klarify_sync::config::Settings;
 use klarify_sync::daemon::Daemon;
 use klarify_sync::klarify::KlarifyClient;
+use klarify_sync::progress_bar::Bar;
 use klarify_sync::store::Store;
-use klarify_sync::sync::{run_pass, Mode, SyncOptions};
+use klarify_sync::sync::{run_pass_observed, Mode, Progress, SyncOptions};
 use klarify_sync::{demo, schedule, telemetry};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +43,15 @@ struct Cli {
 enum Command {
     /// Exit 0 when the daemon's /healthz answers (for container health checks).
     Healthcheck,
+    /// Print the watermark, the table sizes and the last passes.
+    Status {
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// How many passes to show.
+        #[arg(long, default_value_t = 5)]
+        passes: i64,
+    },
 }
 
 #[tokio::main]
@@ -47,6 +59,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Some(Command::Healthcheck) => healthcheck(cli.config).await,
+        Some(Command::Status { json, passes }) => status(cli.config, json, passes).await,
         None => run(cli).await,
     };
     match outcome {
@@ -92,8 +105,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             Mode::Incremental
         };
-        let report = run_pass(&client, &store, mode, &options, &shutdown).await?;
-        report.log();
+        let progress = Arc::new(Progress::default());
+        let bar =
+            (cli.backfill && std::io::stdout().is_terminal()).then(|| Bar::spawn(progress.clone()));
+        let report = run_pass_observed(&client, &store, mode, &options, &shutdown, &progress).await;
+        if let Some(bar) = bar {
+            bar.finish();
+        }
+        report?.log();
         store.close().await;
         return Ok(());
     }
@@ -150,5 +169,19 @@ async fn healthcheck(config: Option<PathBuf>) -> anyhow::Result<()> {
         "/healthz answered {}",
         response.status()
     );
+    Ok(())
+}
+
+async fn status(config: Option<PathBuf>, json: bool, passes: i64) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
+    settings.validate(false)?;
+    let store = Store::open(&settings.database_url(false), 1).await?;
+    let status = store.status(passes).await?;
+    store.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", klarify_sync::status::render_text(&status));
+    }
     Ok(())
 }

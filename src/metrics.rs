@@ -1,6 +1,8 @@
 //! Prometheus metrics: one process-wide recorder, rendered by `GET /metrics`.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -24,15 +26,24 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// The stored watermark as last seen, so its age can be computed at scrape time.
+static WATERMARK: AtomicI64 = AtomicI64::new(i64::MIN);
+
 pub fn render() -> String {
     let handle = handle();
+    let watermark = WATERMARK.load(Ordering::Relaxed);
+    if watermark != i64::MIN {
+        let age = time::OffsetDateTime::now_utc().unix_timestamp() - watermark;
+        metrics::gauge!("klarify_sync_watermark_age_seconds").set(age as f64);
+    }
     handle.run_upkeep();
     handle.render()
 }
 
 /// Records the end of a pass, whatever its outcome.
-pub fn record_pass(mode: Mode, outcome: &'static str, r: &RunRecord) {
+pub fn record_pass(mode: Mode, outcome: &'static str, r: &RunRecord, duration: Duration) {
     let mode = mode.as_str();
+    metrics::histogram!("klarify_sync_pass_duration_seconds", "mode" => mode).record(duration);
     metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome)
         .increment(1);
     for (change, n) in [
@@ -50,5 +61,6 @@ pub fn record_pass(mode: Mode, outcome: &'static str, r: &RunRecord) {
     }
     if let Some(w) = r.watermark_after {
         metrics::gauge!("klarify_sync_watermark_timestamp_seconds").set(w.unix_timestamp() as f64);
+        WATERMARK.store(w.unix_timestamp(), Ordering::Relaxed);
     }
 }

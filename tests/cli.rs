@@ -353,3 +353,65 @@ async fn the_demo_runs_without_a_key_or_network() {
     assert!(mirror(&dir).await.len() >= 250);
     assert!(demo.terminate().await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_the_watermark_counts_and_passes() {
+    let fake = fake(40).await;
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(env_for(&fake, &dir), &["--backfill"]).await.ok);
+    let out = run(env_for(&fake, &dir), &["status", "--json"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(status["live_procedures"], 40);
+    assert_eq!(status["recent_runs"][0]["mode"], "backfill");
+    assert_eq!(status["recent_runs"][0]["outcome"], "succeeded");
+    assert_eq!(status["recent_runs"][0]["inserted"], 40);
+    let newest = source_of(&fake).iter().map(|p| p.updated_at).max().unwrap();
+    assert_eq!(
+        status["watermark"],
+        klarify_sync::klarify::format_instant(newest)
+    );
+
+    let out = run(env_for(&fake, &dir), &["status"]).await;
+    assert!(out.stdout.contains("40 live, 0 deleted"), "{}", out.stdout);
+    assert!(out.stdout.contains("backfill succeeded"), "{}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_shows_progress_only_on_a_terminal() {
+    let fake = fake(300).await;
+    fake.set_latency(Duration::from_millis(150));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "50");
+    set(&mut env, "RUST_LOG", "warn");
+    let piped = run(env.clone(), &["--backfill"]).await;
+    assert!(
+        piped.ok && !piped.stdout.contains("procedures") && piped.stderr.is_empty(),
+        "{}{}",
+        piped.stdout,
+        piped.stderr
+    );
+
+    // `script` gives the binary a pseudo-terminal, as a person's shell would.
+    let command = format!("{} --backfill", env!("CARGO_BIN_EXE_klarify-sync"));
+    let terminal = run_in_terminal(env, &command).await;
+    assert!(terminal.contains("/300 procedures"), "{terminal}");
+}
+
+async fn run_in_terminal(env: Vec<(String, String)>, command: &str) -> String {
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .env_clear()
+        .envs(env)
+        .env("TERM", "xterm")
+        .output()
+        .await
+        .expect("`script` (util-linux) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -49,6 +49,8 @@ pub(crate) struct Dialect {
     pub mark_deleted: &'static str,
     /// -> `id, name, status, owner, performer, updated_at, url, raw` of live procedures.
     pub live_procedures: &'static str,
+    /// `$1`: limit -> the newest `sync_runs` rows as [`RunSummary`] columns, newest first.
+    pub recent_runs: &'static str,
 }
 
 const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
@@ -59,6 +61,12 @@ const COUNT_UNSEEN: &str = "SELECT COUNT(*) FROM procedures p WHERE p.deleted_at
      AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = p.id)";
 /// Leftovers of backfills that were killed before they finished are dropped too.
 const CLEAR_SEEN: &str = "DELETE FROM sync_seen WHERE run_id <= $1";
+const COUNTS: &str = "SELECT \
+     (SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL), \
+     (SELECT COUNT(*) FROM procedures WHERE deleted_at IS NOT NULL), \
+     (SELECT COUNT(*) FROM procedure_lanes), \
+     (SELECT COUNT(*) FROM procedure_calls), \
+     (SELECT COUNT(*) FROM rejected_items)";
 const LIVE_LANES: &str = "SELECT l.procedure_id, l.lane FROM procedure_lanes l \
      JOIN procedures p ON p.id = l.procedure_id WHERE p.deleted_at IS NULL \
      ORDER BY l.procedure_id, l.position";
@@ -75,6 +83,11 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("the database schema is at migration {applied:?} but this klarify-sync expects {expected:?}; run the matching version")]
+    Schema {
+        applied: Option<i64>,
+        expected: Option<i64>,
+    },
     #[error("cannot take the sync lock: {0}")]
     Lock(String),
     #[error("the database holds a value klarify-sync cannot read: {0}")]
@@ -134,6 +147,38 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+/// What `klarify-sync status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub backend: &'static str,
+    pub watermark: Option<String>,
+    pub live_procedures: i64,
+    pub deleted_procedures: i64,
+    pub lanes: i64,
+    pub calls: i64,
+    pub rejected_items: i64,
+    pub recent_runs: Vec<RunSummary>,
+}
+
+/// One row of `sync_runs`.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct RunSummary {
+    pub id: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub mode: String,
+    pub outcome: String,
+    pub pages: i64,
+    pub fetched: i64,
+    pub inserted: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub rejected: i64,
+    pub watermark_after: Option<String>,
+    pub error: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -184,10 +229,18 @@ impl Store {
         self.dialect.name
     }
 
-    /// Cheap liveness check for `/readyz`.
+    /// Cheap readiness check: the database answers and runs the schema this binary expects
+    /// (another version of klarify-sync may have migrated it since this one started).
     #[tracing::instrument(skip_all)]
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        let (applied,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        let expected = self.dialect.migrator.iter().map(|m| m.version).max();
+        if applied != expected {
+            return Err(StoreError::Schema { applied, expected });
+        }
         Ok(())
     }
 
@@ -240,6 +293,7 @@ impl Store {
     /// calls, the rejected items, and the cursor. All or nothing.
     #[tracing::instrument(skip_all, fields(items = page.items.len()))]
     pub async fn write_page(&self, page: &PageWrite<'_>) -> Result<WriteStats, StoreError> {
+        let started = std::time::Instant::now();
         let d = self.dialect;
         let now = now_text();
         let items = latest_per_id(page.items);
@@ -337,6 +391,7 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        metrics::histogram!("klarify_sync_db_write_duration_seconds").record(started.elapsed());
         Ok(stats)
     }
 
@@ -411,6 +466,32 @@ impl Store {
         }
         procs.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(procs)
+    }
+
+    /// The watermark, the table sizes and the newest `runs` passes.
+    #[tracing::instrument(skip_all)]
+    pub async fn status(&self, runs: i64) -> Result<Status, StoreError> {
+        let (live_procedures, deleted_procedures, lanes, calls, rejected_items): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(COUNTS).fetch_one(&self.pool).await?;
+        let recent_runs = sqlx::query_as(self.dialect.recent_runs)
+            .bind(runs)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Status {
+            backend: self.dialect.name,
+            watermark: self.watermark().await?.map(format_instant),
+            live_procedures,
+            deleted_procedures,
+            lanes,
+            calls,
+            rejected_items,
+            recent_runs,
+        })
     }
 
     pub async fn close(&self) {

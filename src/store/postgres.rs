@@ -61,4 +61,12 @@ pub(super) static DIALECT: Dialect = Dialect {
         rfc3339!("updated_at"),
         ", url, raw::text FROM procedures WHERE deleted_at IS NULL"
     ),
+    recent_runs: concat!(
+        "SELECT id, ",
+        rfc3339!("started_at"),
+        " AS started_at, ",
+        rfc3339!("finished_at"),
+        " AS finished_at, mode, outcome, pages, fetched, inserted, updated, unchanged, deleted, \
+         rejected, watermark_after, error FROM sync_runs ORDER BY id DESC LIMIT $1"
+    ),
 };

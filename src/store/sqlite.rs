@@ -47,6 +47,8 @@ pub(super) static DIALECT: Dialect = Dialect {
         AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = procedures.id)",
     live_procedures: "SELECT id, name, status, owner, performer, updated_at, url, raw \
         FROM procedures WHERE deleted_at IS NULL",
+    recent_runs: "SELECT id, started_at, finished_at, mode, outcome, pages, fetched, inserted, updated, \
+        unchanged, deleted, rejected, watermark_after, error FROM sync_runs ORDER BY id DESC LIMIT $1",
 };
 
 /// Creates the file when missing and switches it to WAL once (the mode is stored in the file),

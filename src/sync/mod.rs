@@ -7,6 +7,7 @@
 mod cursor;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
@@ -89,9 +90,31 @@ pub async fn run_pass(
     options: &SyncOptions,
     shutdown: &CancellationToken,
 ) -> Result<PassReport, SyncError> {
+    let progress = Progress::default();
+    run_pass_observed(client, store, mode, options, shutdown, &progress).await
+}
+
+/// How far a pass has got, for a progress bar; updated as pages arrive.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// `totalCount` of the pass's first page: for a backfill, every procedure.
+    pub total: AtomicU64,
+    /// Items fetched so far, re-reads included.
+    pub fetched: AtomicU64,
+}
+
+/// [`run_pass`], reporting progress as it goes.
+pub async fn run_pass_observed(
+    client: &KlarifyClient,
+    store: &Store,
+    mode: Mode,
+    options: &SyncOptions,
+    shutdown: &CancellationToken,
+    progress: &Progress,
+) -> Result<PassReport, SyncError> {
     let started = Instant::now();
     let lock = pass_lock(store, shutdown).await?;
-    let result = locked_pass(client, store, mode, options, shutdown, started).await;
+    let result = locked_pass(client, store, mode, options, shutdown, progress, started).await;
     lock.release().await;
     result
 }
@@ -122,6 +145,7 @@ async fn locked_pass(
     mode: Mode,
     options: &SyncOptions,
     shutdown: &CancellationToken,
+    progress: &Progress,
     started: Instant,
 ) -> Result<PassReport, SyncError> {
     let watermark = store.watermark().await?;
@@ -132,6 +156,7 @@ async fn locked_pass(
         store,
         options,
         shutdown,
+        progress,
         run,
         mode,
         stored: watermark,
@@ -167,7 +192,7 @@ async fn locked_pass(
     if let Err(e) = store.finish_run(run, &record).await {
         tracing::warn!(error = %e, "could not record the end of the pass in sync_runs");
     }
-    crate::metrics::record_pass(mode, record.outcome, &record);
+    crate::metrics::record_pass(mode, record.outcome, &record, started.elapsed());
     let deleted = outcome?;
     Ok(PassReport {
         run,
@@ -189,6 +214,7 @@ struct Pass<'a> {
     store: &'a Store,
     options: &'a SyncOptions,
     shutdown: &'a CancellationToken,
+    progress: &'a Progress,
     run: RunId,
     mode: Mode,
     /// The watermark as committed; it only ever moves forward.
@@ -284,6 +310,14 @@ impl Pass<'_> {
             page = self.client.fetch_page(query) => page?,
             () = self.shutdown.cancelled() => return Err(SyncError::Interrupted),
         };
+        if self.pages == 0 {
+            self.progress
+                .total
+                .store(page.total_count, Ordering::Relaxed);
+        }
+        self.progress
+            .fetched
+            .fetch_add(page.items.len() as u64, Ordering::Relaxed);
         self.pages += 1;
         self.fetched += page.items.len() as u64;
         self.rejected += page.rejected.len() as u64;

@@ -1,0 +1,41 @@
+//! `klarify-sync status`: the watermark, the table sizes and the last passes, for people
+//! (text) and for scripts (JSON).
+
+use std::fmt::Write;
+
+use crate::store::Status;
+
+pub fn render_text(s: &Status) -> String {
+    let mut out = String::new();
+    let watermark = s.watermark.as_deref().unwrap_or("none (never synced)");
+    let _ = writeln!(out, "backend     {}", s.backend);
+    let _ = writeln!(out, "watermark   {watermark}");
+    let _ = writeln!(
+        out,
+        "procedures  {} live, {} deleted; {} lanes, {} calls; {} rejected items",
+        s.live_procedures, s.deleted_procedures, s.lanes, s.calls, s.rejected_items
+    );
+    if s.recent_runs.is_empty() {
+        let _ = writeln!(out, "passes      none yet");
+    }
+    for (i, r) in s.recent_runs.iter().enumerate() {
+        let label = if i == 0 { "passes" } else { "" };
+        let _ = writeln!(
+            out,
+            "{label:<11} #{} {} {} {}: {} pages, {} fetched, {} inserted, {} updated, {} unchanged, {} deleted, {} rejected{}",
+            r.id,
+            r.started_at,
+            r.mode,
+            r.outcome,
+            r.pages,
+            r.fetched,
+            r.inserted,
+            r.updated,
+            r.unchanged,
+            r.deleted,
+            r.rejected,
+            r.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+        );
+    }
+    out
+}
