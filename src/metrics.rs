@@ -18,12 +18,68 @@ pub fn handle() -> &'static PrometheusHandle {
         let seconds = [
             0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
         ];
-        PrometheusBuilder::new()
+        let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
             .expect("the bucket list is not empty")
             .install_recorder()
-            .expect("no other metrics recorder is installed in this process")
+            .expect("no other metrics recorder is installed in this process");
+        describe();
+        handle
     })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "klarify_sync_passes_total",
+        "Sync passes by mode and outcome."
+    );
+    describe_histogram!(
+        "klarify_sync_pass_duration_seconds",
+        Unit::Seconds,
+        "Duration of sync passes."
+    );
+    describe_counter!(
+        "klarify_sync_procedures_total",
+        "Procedures per page write by change: inserted, updated, unchanged, deleted."
+    );
+    describe_counter!(
+        "klarify_sync_rejected_items_total",
+        "Items Klarify served that could not be understood, first sightings."
+    );
+    describe_gauge!(
+        "klarify_sync_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last successful pass."
+    );
+    describe_gauge!(
+        "klarify_sync_watermark_timestamp_seconds",
+        Unit::Seconds,
+        "The stored watermark as Unix time."
+    );
+    describe_gauge!(
+        "klarify_sync_watermark_age_seconds",
+        Unit::Seconds,
+        "How far the stored watermark lags behind now."
+    );
+    describe_histogram!(
+        "klarify_sync_db_write_duration_seconds",
+        Unit::Seconds,
+        "Time to commit one page to the database."
+    );
+    describe_counter!(
+        "klarify_api_requests_total",
+        "Requests to the Klarify API by HTTP status (or timeout, unreachable, bad_body)."
+    );
+    describe_histogram!(
+        "klarify_api_request_duration_seconds",
+        Unit::Seconds,
+        "Latency of Klarify API requests."
+    );
+    describe_counter!(
+        "klarify_api_retries_total",
+        "Klarify API requests retried after a transient failure."
+    );
 }
 
 /// The stored watermark as last seen, so its age can be computed at scrape time.

@@ -297,6 +297,12 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         "{metrics}"
     );
     assert!(!metrics.contains(KEY));
+    // .ci/run checks the exposition format with `promtool check metrics`.
+    std::fs::write(
+        concat!(env!("CARGO_TARGET_TMPDIR"), "/metrics.prom"),
+        &metrics,
+    )
+    .unwrap();
     assert_same(&mirror(&dir).await, &source_of(&fake));
 
     assert!(
