@@ -1,11 +1,13 @@
-//! A stand-alone fake Klarify API on loopback, for trying klarify-sync by hand and for the
-//! container smoke test. Prints its base URL on the first line of stdout, then serves until
-//! stopped.
+//! A stand-alone fake Klarify API on loopback, for trying klarify-sync by hand, the container
+//! smoke test and the benchmark. Prints its base URL on the first line of stdout, then serves
+//! until stopped. Lines on stdin steer it: `edit N` edits N procedures, `requests` prints how
+//! many requests it has answered; each command is answered with one line.
 
 use std::time::Duration;
 
 use clap::Parser;
 use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Serves a generated organisation through the Klarify Integration API.
 #[derive(Debug, Parser)]
@@ -48,10 +50,35 @@ async fn main() -> std::io::Result<()> {
     }
     println!("{}", fake.base_url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut commands = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            line = commands.next_line() => match line? {
+                Some(line) => println!("{}", command(&fake, line.trim())),
+                // stdin closed: keep serving until a signal.
+                None => std::future::pending::<()>().await,
+            },
+        }
     }
     fake.shutdown().await;
     Ok(())
+}
+
+fn command(fake: &FakeKlarify, line: &str) -> String {
+    match line.split_whitespace().collect::<Vec<_>>()[..] {
+        ["edit", n] => match n.parse() {
+            Ok(edits) => {
+                fake.apply(&Churn {
+                    edits,
+                    ..Churn::default()
+                });
+                format!("edited {edits}")
+            }
+            Err(_) => format!("error: not a number: {n}"),
+        },
+        ["requests"] => format!("requests {}", fake.requests()),
+        _ => format!("error: unknown command {line:?} (edit N | requests)"),
+    }
 }
