@@ -116,19 +116,26 @@ impl Dataset {
             self.shuffle_ties(&mut shuffled, &req.sort.field);
             order = shuffled.into();
         }
-        let start = req.page.saturating_mul(req.page_size);
-        let end = start.saturating_add(req.page_size);
-        let mut data = Vec::new();
-        let mut total: u64 = 0;
-        for entry in order.iter().map(|&i| &self.entries[i]) {
-            if req.since.is_some_and(|since| entry.at <= since) {
-                continue;
+        let entries = &self.entries;
+        let after = |i: &usize| req.since.is_none_or(|since| entries[*i].at > since);
+        // Sorted by `updated_at`, the filtered items are one contiguous run of the order: a
+        // binary search finds it, so paging a million items does not scan them all each time.
+        let filtered: Vec<usize>;
+        let matching: &[usize] = match (req.sort.field == "updated_at", req.sort.desc) {
+            (true, false) => &order[order.partition_point(|i| !after(i))..],
+            (true, true) => &order[..order.partition_point(after)],
+            (false, _) => {
+                filtered = order.iter().copied().filter(after).collect();
+                &filtered
             }
-            if (start..end).contains(&total) {
-                data.push(entry.item.clone());
-            }
-            total += 1;
-        }
+        };
+        let total = matching.len() as u64;
+        let start = req.page.saturating_mul(req.page_size).min(total);
+        let end = start.saturating_add(req.page_size).min(total);
+        let data = matching[start as usize..end as usize]
+            .iter()
+            .map(|&i| entries[i].item.clone())
+            .collect();
         Page {
             data,
             has_next: total > end,

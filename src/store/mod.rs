@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Executor, Row};
 use time::OffsetDateTime;
 
 use crate::config::{database_kind, DatabaseKind};
@@ -27,6 +27,8 @@ use crate::klarify::{format_instant, parse_instant, Procedure, Rejected};
 pub(crate) struct Dialect {
     pub name: &'static str,
     pub migrator: sqlx::migrate::Migrator,
+    /// Run on every new connection.
+    pub session_setup: Option<&'static str>,
     /// `$1`: JSON array of ids -> `id, updated_at, content_hash, deleted_at`.
     pub existing: &'static str,
     /// `$1`: JSON array of [`ProcRow`], `$2`: now.
@@ -212,6 +214,14 @@ impl Store {
             DatabaseKind::Postgres => (&postgres::DIALECT, lock::Locking::Advisory),
         };
         let pool = AnyPoolOptions::new()
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if let Some(sql) = dialect.session_setup {
+                        conn.execute(sql).await?;
+                    }
+                    Ok(())
+                })
+            })
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(raw)

@@ -17,6 +17,7 @@ macro_rules! rfc3339 {
 pub(super) static DIALECT: Dialect = Dialect {
     name: "postgres",
     migrator: sqlx::migrate!("migrations/postgres"),
+    session_setup: None,
     existing: concat!(
         "SELECT p.id, ",
         rfc3339!("p.updated_at"),
