@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
@@ -37,7 +38,10 @@ pub enum DaemonError {
 /// Everything the daemon needs, built by `main` (or a test) from the settings.
 pub struct Daemon {
     pub client: KlarifyClient,
-    pub store: Store,
+    /// Opened (and migrated) by the daemon itself, retried until the database answers, so that
+    /// a database that is down at start is reported by `/readyz` instead of ending the process.
+    pub database_url: SecretString,
+    pub max_connections: u32,
     pub options: SyncOptions,
     /// 6-field cron, as returned by [`crate::schedule::parse_cron`].
     pub cron: String,
@@ -82,7 +86,8 @@ impl BoundDaemon {
         tracing::info!(addr = %self.local_addr(), "serving /healthz, /readyz and /metrics");
         let Daemon {
             client,
-            store,
+            database_url,
+            max_connections,
             options,
             cron,
             backfill_cron,
@@ -92,7 +97,7 @@ impl BoundDaemon {
         // Installed before the first pass so its counters are not lost.
         crate::metrics::handle();
         let token = CancellationToken::new();
-        let readiness = Readiness::new(store.clone(), max_staleness);
+        let readiness = Readiness::new(max_staleness);
 
         let http = {
             let token = token.clone();
@@ -122,9 +127,25 @@ impl BoundDaemon {
         let sync = tokio::spawn({
             let token = token.clone();
             async move {
+                let mut backoff = backoff(retry_delays);
+                let store = loop {
+                    match Store::open(&database_url, max_connections).await {
+                        Ok(store) => break store,
+                        Err(e) => {
+                            let wait = backoff.next().unwrap_or(retry_delays.1);
+                            tracing::error!(error = %e, retry_in = ?wait, "cannot open the database");
+                            readiness.pass_failed(&SyncError::Store(e));
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => {}
+                                () = token.cancelled() => return,
+                            }
+                        }
+                    }
+                };
+                readiness.connected(store.clone());
                 let looped = SyncLoop {
                     client,
-                    store,
+                    store: store.clone(),
                     options,
                     readiness,
                     ticks,
@@ -132,7 +153,8 @@ impl BoundDaemon {
                     token,
                     retry_delays,
                 };
-                looped.run().await
+                looped.run().await;
+                store.close().await;
             }
         });
 
@@ -249,13 +271,18 @@ impl SyncLoop {
     }
 
     fn backoff(&self) -> ExponentialBackoff {
-        ExponentialBuilder::default()
-            .with_min_delay(self.retry_delays.0)
-            .with_max_delay(self.retry_delays.1)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        backoff(self.retry_delays)
     }
+}
+
+/// Retry delays after a failure: exponential from the first to the longest, with jitter.
+fn backoff((first, longest): (Duration, Duration)) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(longest)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Adds a cron job that wakes the sync loop, first marking a backfill due when `due` is given.

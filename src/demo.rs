@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use crate::store::redact_url;
 
 /// Every 10 seconds, so edits made by the demo's churn show up quickly.
 pub const CRON: &str = "*/10 * * * * *";
@@ -31,14 +32,22 @@ pub async fn start() -> std::io::Result<FakeKlarify> {
 }
 
 /// What to look at, printed once the daemon listens.
-pub fn banner(source: &FakeKlarify, database_url: &str, http: SocketAddr) {
+pub fn banner(source: &FakeKlarify, database_url: &str, mut http: SocketAddr) {
+    if http.ip().is_unspecified() {
+        http.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let query = "SELECT status, COUNT(*) FROM live_procedures GROUP BY status";
+    let look = match database_url.strip_prefix("sqlite:") {
+        Some(file) => format!("sqlite3 {} \"{query}\"", file.trim_start_matches("//")),
+        None => format!("psql \"$DATABASE_URL\" -c \"{query}\""),
+    };
     println!(
-        "\nklarify-sync demo: mirroring a sample organisation of {PROCEDURES} procedures from {} into {database_url}\n\
+        "\nklarify-sync demo: mirroring a sample organisation of {PROCEDURES} procedures from {} into {}\n\
          \x20 readiness: curl http://{http}/readyz\n\
          \x20 metrics:   curl http://{http}/metrics\n\
-         \x20 the data:  sqlite3 {} \"SELECT status, COUNT(*) FROM live_procedures GROUP BY status\"\n\
+         \x20 the data:  {look}\n\
          \x20 Ctrl-C stops it.\n",
         source.base_url(),
-        database_url.trim_start_matches("sqlite://").trim_start_matches("sqlite:")
+        redact_url(database_url),
     );
 }

@@ -1,6 +1,6 @@
 //! The HTTP side: `/healthz`, `/readyz` and `/metrics`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -29,17 +29,22 @@ struct SyncHealth {
 #[derive(Clone)]
 pub struct Readiness {
     health: Arc<Mutex<SyncHealth>>,
-    store: Store,
+    /// Set once the daemon has opened the database.
+    store: Arc<OnceLock<Store>>,
     max_staleness: Duration,
 }
 
 impl Readiness {
-    pub fn new(store: Store, max_staleness: Duration) -> Self {
+    pub fn new(max_staleness: Duration) -> Self {
         Self {
             health: Arc::default(),
-            store,
+            store: Arc::default(),
             max_staleness,
         }
+    }
+
+    pub fn connected(&self, store: Store) {
+        let _ = self.store.set(store);
     }
 
     pub fn pass_succeeded(&self) {
@@ -67,7 +72,18 @@ impl Readiness {
     }
 
     async fn check(&self) -> Result<serde_json::Value, serde_json::Value> {
-        let ping = tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await;
+        let Some(store) = self.store.get() else {
+            let detail = self
+                .health
+                .lock()
+                .expect("health lock poisoned")
+                .failure
+                .clone();
+            let detail =
+                detail.map_or_else(|| "the database is not open yet".to_owned(), |(_, d)| d);
+            return Err(json!({"reason": "database_down", "detail": detail}));
+        };
+        let ping = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
         match ping {
             Ok(Ok(())) => {}
             Ok(Err(e @ StoreError::Schema { .. })) => {
@@ -111,6 +127,7 @@ fn reason_code(error: &SyncError) -> &'static str {
     match error {
         SyncError::Klarify(KlarifyError::KeyRejected) => "key_rejected",
         SyncError::Klarify(_) => "api_unreachable",
+        SyncError::Store(StoreError::Connect { .. }) => "database_down",
         SyncError::Store(_) => "database_error",
         SyncError::Unordered(_) | SyncError::UnstableTieGroup { .. } | SyncError::Stuck => {
             "api_inconsistent"

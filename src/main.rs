@@ -65,7 +65,8 @@ async fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("klarify-sync: {e:#}");
+            // Each error already says its cause; the chain would repeat it.
+            eprintln!("klarify-sync: {e}");
             ExitCode::FAILURE
         }
     }
@@ -89,7 +90,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&settings.log);
 
     let database_url = settings.database_url(cli.demo);
-    let store = Store::open(&database_url, settings.database.max_connections).await?;
     let client = KlarifyClient::new(settings.client_settings())?;
     let options = SyncOptions {
         overlap: Duration::from_secs(settings.sync.overlap_secs),
@@ -105,6 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             Mode::Incremental
         };
+        let store = Store::open(&database_url, settings.database.max_connections).await?;
         let progress = Arc::new(Progress::default());
         let bar =
             (cli.backfill && std::io::stdout().is_terminal()).then(|| Bar::spawn(progress.clone()));
@@ -119,7 +120,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let daemon = Daemon {
         client,
-        store: store.clone(),
+        database_url: database_url.clone(),
+        max_connections: settings.database.max_connections,
         options,
         cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
         backfill_cron: Some(settings.schedule.backfill_cron.as_str())
@@ -136,7 +138,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         demo::banner(source, database_url.expose_secret(), daemon.local_addr());
     }
     daemon.run_until_stopped(shutdown.cancelled_owned()).await?;
-    store.close().await;
     Ok(())
 }
 

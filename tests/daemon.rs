@@ -10,7 +10,6 @@ use common::{Backend, Env};
 use klarify_sync::daemon::Daemon;
 use klarify_sync::fake::Organisation;
 use klarify_sync::klarify::KlarifyClient;
-use klarify_sync::store::Store;
 use tokio::sync::oneshot;
 
 on_both_backends!(
@@ -24,10 +23,10 @@ async fn start(
     cron: &str,
     backfill_cron: Option<&str>,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let store = Store::open(&env.database_url, 3).await.unwrap();
     let daemon = Daemon {
         client: KlarifyClient::new(common::client_settings(&env.fake, 50)).unwrap(),
-        store,
+        database_url: env.database_url.clone(),
+        max_connections: 3,
         options: env.options.clone(),
         cron: cron.to_owned(),
         backfill_cron: backfill_cron.map(str::to_owned),

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Serves a generated organisation through the Klarify Integration API.
 #[derive(Debug, Parser)]
@@ -50,16 +49,22 @@ async fn main() -> std::io::Result<()> {
     }
     println!("{}", fake.base_url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut commands = BufReader::new(tokio::io::stdin()).lines();
+    // A thread, not tokio's stdin: a blocked read of tokio's would keep the process from
+    // exiting after a signal, and this thread simply dies with the process.
+    let (lines, mut commands) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            line = commands.next_line() => match line? {
-                Some(line) => println!("{}", command(&fake, line.trim())),
-                // stdin closed: keep serving until a signal.
-                None => std::future::pending::<()>().await,
-            },
+            // Once stdin is closed this branch is disabled and only a signal ends the loop.
+            Some(line) = commands.recv() => println!("{}", command(&fake, line.trim())),
         }
     }
     fake.shutdown().await;

@@ -149,6 +149,10 @@ impl KlarifyClient {
         })
     }
 
+    pub fn page_size(&self) -> u32 {
+        self.settings.page_size
+    }
+
     /// Fetches one page, retrying transient failures with capped, jittered exponential backoff.
     pub async fn fetch_page(&self, query: PageQuery) -> Result<Page, KlarifyError> {
         self.fetch(query, self.settings.page_size).await

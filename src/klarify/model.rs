@@ -33,15 +33,27 @@ pub struct Procedure {
 pub struct Rejected {
     pub raw: String,
     pub reason: String,
+    /// Where on its page it was served.
+    pub position: usize,
 }
 
 /// One page of `/api/procedures`, items already parsed.
 #[derive(Debug)]
 pub struct Page {
     pub items: Vec<Procedure>,
+    /// Where on the page each of `items` was served, for reasoning about positions when
+    /// rejected items are interleaved.
+    pub positions: Vec<usize>,
     pub rejected: Vec<Rejected>,
     pub has_next: bool,
     pub total_count: u64,
+}
+
+impl Page {
+    /// How many entries the page held, readable or not.
+    pub fn served(&self) -> usize {
+        self.items.len() + self.rejected.len()
+    }
 }
 
 /// The envelope; items stay raw until [`parse_item`] looks at each one.
@@ -58,18 +70,24 @@ pub(crate) struct RawPage<'a> {
 impl RawPage<'_> {
     pub(crate) fn into_page(self) -> Page {
         let mut items = Vec::with_capacity(self.data.len());
+        let mut positions = Vec::with_capacity(self.data.len());
         let mut rejected = Vec::new();
-        for raw in self.data {
+        for (position, raw) in self.data.into_iter().enumerate() {
             match parse_item(raw.get()) {
-                Ok(item) => items.push(item),
+                Ok(item) => {
+                    items.push(item);
+                    positions.push(position);
+                }
                 Err(reason) => rejected.push(Rejected {
                     raw: raw.get().to_owned(),
                     reason,
+                    position,
                 }),
             }
         }
         Page {
             items,
+            positions,
             rejected,
             has_next: self.has_next,
             total_count: self.total_count,
@@ -102,6 +120,10 @@ enum Id {
     Number(serde_json::Number),
 }
 
+/// Longer ids are refused: an id is a key in every table, and PostgreSQL cannot index keys of
+/// more than about 2.7 kB.
+pub const MAX_ID_BYTES: usize = 1024;
+
 /// Parses one raw item; the error is a reason a person can act on.
 pub fn parse_item(raw: &str) -> Result<Procedure, String> {
     let item: Item = serde_json::from_str(raw).map_err(|e| format!("not a valid item: {e}"))?;
@@ -110,6 +132,17 @@ pub fn parse_item(raw: &str) -> Result<Procedure, String> {
         Some(Id::Number(n)) => n.to_string(),
         _ => return Err("missing or empty `id`".to_owned()),
     };
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "`id` is {} bytes long, more than {MAX_ID_BYTES}",
+            id.len()
+        ));
+    }
+    // PostgreSQL cannot store NUL in text or jsonb; refusing the item on both backends keeps
+    // them alike and keeps the item intact in rejected_items.
+    if has_nul_escape(raw) {
+        return Err("contains a NUL character (\\u0000), which PostgreSQL cannot store".to_owned());
+    }
     let updated_at = item
         .updated_at
         .ok_or_else(|| "missing `updated_at`".to_owned())
@@ -128,6 +161,15 @@ pub fn parse_item(raw: &str) -> Result<Procedure, String> {
         called_within: item.called_within.unwrap_or_default(),
         called_from: item.called_from.unwrap_or_default(),
         raw: raw.to_owned(),
+    })
+}
+
+/// Whether the JSON text holds an escaped NUL (`\u0000`), anywhere, unknown fields included.
+/// A backslash escaped itself (`\\u0000`) is text, not NUL.
+fn has_nul_escape(raw: &str) -> bool {
+    raw.match_indices("u0000").any(|(at, _)| {
+        let backslashes = raw[..at].bytes().rev().take_while(|&b| b == b'\\').count();
+        backslashes % 2 == 1
     })
 }
 
@@ -219,10 +261,32 @@ mod tests {
                 "not a valid item",
             ),
             (r#"[1,2]"#, "not a valid item"),
+            (
+                r#"{"id":"1","updated_at":"2024-01-15T14:30:00Z","name":"a\u0000b"}"#,
+                "contains a NUL",
+            ),
         ] {
             let err = parse_item(raw).unwrap_err();
             assert!(err.starts_with(reason), "{raw}: {err}");
         }
+    }
+
+    #[test]
+    fn only_a_real_nul_escape_counts() {
+        assert!(has_nul_escape(r#"{"a":"x\u0000"}"#));
+        assert!(has_nul_escape(r#"{"a":"\\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"u0000"}"#));
+    }
+
+    #[test]
+    fn overlong_ids_are_rejected() {
+        let id = "x".repeat(MAX_ID_BYTES + 1);
+        let err = parse_item(&format!(
+            r#"{{"id":"{id}","updated_at":"2024-01-15T14:30:00Z"}}"#
+        ))
+        .unwrap_err();
+        assert!(err.contains("more than 1024"), "{err}");
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub(crate) struct Dialect {
 const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
 const SET_WATERMARK: &str = "INSERT INTO sync_state (id, watermark) VALUES (1, $1) \
      ON CONFLICT (id) DO UPDATE SET watermark = excluded.watermark";
+/// Passes of processes that died mid-pass; only run under the pass lock, when none is running.
+const ABANDON_RUNS: &str = "UPDATE sync_runs SET outcome = 'abandoned' WHERE outcome = 'running'";
 const COUNT_LIVE: &str = "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL";
 const COUNT_UNSEEN: &str = "SELECT COUNT(*) FROM procedures p WHERE p.deleted_at IS NULL \
      AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = p.id)";
@@ -79,11 +81,11 @@ const LIVE_CALLS: &str =
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the database {url}: {reason}; check database.url (DATABASE_URL) and that the database server is running")]
+    #[error("cannot open the database {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("cannot apply the database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database error: {0}")]
+    #[error("{}", explain(.0))]
     Query(#[from] sqlx::Error),
     #[error("the database schema is at migration {applied:?} but this klarify-sync expects {expected:?}; run the matching version")]
     Schema {
@@ -201,14 +203,16 @@ impl Store {
     pub async fn open(url: &SecretString, max_connections: u32) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let raw = url.expose_secret();
-        let connect_error = |e: &dyn std::fmt::Display| StoreError::Connect {
+        let connect_error = |reason: String| StoreError::Connect {
             url: redact_url(raw),
-            reason: e.to_string(),
+            reason,
         };
-        let kind = database_kind(raw).map_err(|e| connect_error(&e))?;
+        let kind = database_kind(raw).map_err(|e| connect_error(e.to_string()))?;
         let (dialect, locking) = match kind {
             DatabaseKind::Sqlite => {
-                let file = sqlite::prepare(raw).await.map_err(|e| connect_error(&e))?;
+                let file = sqlite::prepare(raw)
+                    .await
+                    .map_err(|e| connect_error(explain(&e)))?;
                 (&sqlite::DIALECT, lock::Locking::Files(file))
             }
             DatabaseKind::Postgres => (&postgres::DIALECT, lock::Locking::Advisory),
@@ -226,8 +230,11 @@ impl Store {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(raw)
             .await
-            .map_err(|e| connect_error(&e))?;
-        dialect.migrator.run(&pool).await?;
+            .map_err(|e| connect_error(explain(&e)))?;
+        dialect.migrator.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => connect_error(explain(&e)),
+            other => StoreError::Migrate(other),
+        })?;
         Ok(Self {
             pool,
             dialect,
@@ -264,11 +271,14 @@ impl Store {
     }
 
     #[tracing::instrument(skip_all)]
+    /// Records the start of a pass; call it holding the pass lock.
     pub async fn begin_run(
         &self,
         mode: &str,
         watermark: Option<OffsetDateTime>,
     ) -> Result<RunId, StoreError> {
+        // The caller holds the pass lock, so a pass still marked running died with its process.
+        sqlx::query(ABANDON_RUNS).execute(&self.pool).await?;
         let (id,): (i64,) = sqlx::query_as(self.dialect.begin_run)
             .bind(now_text())
             .bind(mode)
@@ -658,6 +668,25 @@ fn now_text() -> String {
 
 fn parse_stored(s: &str) -> Result<OffsetDateTime, StoreError> {
     parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+}
+
+/// A database error in words that say what to do. SQLite's result codes are specific enough
+/// to name the cause; anything else is most often an unreachable server.
+fn explain(e: &sqlx::Error) -> String {
+    let sqlite_code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| c.parse::<i32>().ok())
+        .map(|c| c & 0xff); // extended result codes carry the primary code in the low byte
+    match (sqlite_code, e) {
+        (Some(5 | 6), _) => "the database file is locked by another connection (a BI tool or sqlite3 shell in a write transaction?); close it or wait, then retry (database.url)".to_owned(),
+        (Some(8), _) => "the database is read-only: klarify-sync must be able to write the file and its directory, which holds the -wal and -shm files (database.url)".to_owned(),
+        (Some(14), _) => "the database file cannot be opened: check that database.url names a file in a directory that exists and is writable".to_owned(),
+        (_, sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
+            format!("{e}; check database.url (DATABASE_URL) and that the database server is running and reachable")
+        }
+        _ => format!("database error: {e}"),
+    }
 }
 
 /// The URL with any password replaced, for messages and logs.

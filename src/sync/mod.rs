@@ -235,8 +235,8 @@ impl Pass<'_> {
             let page = self.fetch(0, cursor).await?;
             check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
             // A server whose hasNext lies on the last page is caught by its own totalCount.
-            let served = (page.items.len() + page.rejected.len()) as u64;
-            let more = !page.items.is_empty() && (page.has_next || page.total_count > served);
+            let more =
+                page.served() > 0 && (page.has_next || page.total_count > page.served() as u64);
             match step(&page.items, more) {
                 Step::Done(newest) => {
                     let end = newest.max(cursor);
@@ -268,6 +268,7 @@ impl Pass<'_> {
         cursor: Option<OffsetDateTime>,
         at: OffsetDateTime,
     ) -> Result<(), SyncError> {
+        let page_size = u64::from(self.client.page_size());
         let mut size = 0;
         for attempt in 1..=self.options.tie_group_attempts {
             // Newer first: an item leaving the group between the two counts is then counted
@@ -275,24 +276,44 @@ impl Pass<'_> {
             let newer = self.count(Some(at)).await?;
             size = self.count(cursor).await?.saturating_sub(newer);
             let mut seen = HashSet::new();
+            let mut unreadable = HashSet::new();
             for number in 0.. {
                 let page = self.fetch(number, cursor).await?;
                 check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
                 self.commit(&page, None).await?;
+                // The group ends where the first newer item stands; what comes before it,
+                // readable or not, belongs to the group.
+                let offset = u64::from(number) * page_size;
+                let newer_at = page
+                    .items
+                    .iter()
+                    .position(|p| p.updated_at > at)
+                    .map(|k| page.positions[k]);
+                let in_group = newer_at.unwrap_or(page.served());
                 seen.extend(
                     page.items
                         .iter()
                         .filter(|p| p.updated_at == at)
                         .map(|p| p.id.clone()),
                 );
-                if !page.has_next
-                    || page.items.is_empty()
-                    || page.items.iter().any(|p| p.updated_at > at)
-                {
+                unreadable.extend(
+                    page.rejected
+                        .iter()
+                        .filter(|r| r.position < in_group)
+                        .map(|r| r.raw.clone()),
+                );
+                let served = offset + page.served() as u64;
+                // A totalCount that understates the group must not pass off a partial reading:
+                // the positions the pages show count too (an empty page shows none).
+                if page.served() > 0 {
+                    size = size.max(offset + in_group as u64);
+                }
+                let more = page.served() > 0 && (page.has_next || page.total_count > served);
+                if newer_at.is_some() || !more {
                     break;
                 }
             }
-            if seen.len() as u64 >= size {
+            if (seen.len() + unreadable.len()) as u64 >= size {
                 return Ok(());
             }
             tracing::warn!(%at, size, seen = seen.len(), attempt, "a group of procedures sharing one updated_at changed while being read; reading it again");
@@ -360,6 +381,7 @@ impl Pass<'_> {
     async fn commit_watermark(&mut self, at: OffsetDateTime) -> Result<(), SyncError> {
         let empty = Page {
             items: Vec::new(),
+            positions: Vec::new(),
             rejected: Vec::new(),
             has_next: false,
             total_count: 0,

@@ -380,3 +380,153 @@ async fn docker_server() -> String {
     let _ = CONTAINER.set(container);
     format!("postgres://postgres@{host}:{port}/postgres")
 }
+
+/// A PostgreSQL server of one test's own, for tests that stop and start the database under a
+/// running klarify-sync. Never use the shared cluster for that: every other test runs on it.
+///
+/// The cluster lives in a temporary directory (owned by `postgres` when we are root, as the
+/// shared cluster is) and always listens on the same port, so a URL taken before a stop works
+/// again after the next start. Dropping it stops the server and deletes its files.
+pub struct PrivateCluster {
+    cluster: Cluster,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// Creates, starts and returns a private cluster; panics when PostgreSQL's server binaries are
+/// missing (these tests cannot run against `TEST_DATABASE_URL` or a container).
+pub async fn private_cluster() -> PrivateCluster {
+    let bin = postgres_bin_dir().expect(
+        "the database-outage tests stop and start a PostgreSQL server of their own: install \
+         PostgreSQL 15's server binaries (Debian: apt-get install postgresql-15)",
+    );
+    let euid = unsafe { libc::geteuid() };
+    let dir = tempfile::Builder::new()
+        .prefix("klarify-sync-private-pg-")
+        .tempdir_in(std::env::temp_dir())
+        .expect("a temporary directory for a private PostgreSQL cluster");
+    let cluster = Cluster {
+        bin,
+        dir: dir.path().to_owned(),
+        owner: (euid == 0).then(postgres_user),
+    };
+    cluster.prepare_dir();
+    File::create(cluster.log())
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", cluster.log().display()));
+    cluster.give_to_owner(&cluster.log());
+    let private = PrivateCluster {
+        port: free_port(),
+        cluster,
+        _dir: dir,
+    };
+    assert!(
+        private.cluster.initdb().await,
+        "initdb failed for a private cluster; last lines of its log:\n{}",
+        private.log_tail()
+    );
+    private.start().await;
+    private
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+impl PrivateCluster {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's URL for `db` on this cluster (the database need not exist).
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Creates an empty database and returns its URL; the cluster must be running.
+    pub async fn create_database(&self, db: &str) -> String {
+        let mut conn = PgConnection::connect(&self.url("postgres"))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the private cluster: {e}"));
+        conn.execute(format!(r#"CREATE DATABASE "{db}""#).as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot create database {db}: {e}"));
+        let _ = conn.close().await;
+        self.url(db)
+    }
+
+    /// Starts the server on its port and waits until it accepts connections.
+    pub async fn start(&self) {
+        let mut pg_ctl = self.cluster.command("pg_ctl");
+        pg_ctl
+            .args(["start", "-w", "-t", "60", "-l"])
+            .arg(self.cluster.log());
+        pg_ctl.args(["-o", &format!("-p {}", self.port)]);
+        assert!(
+            succeeded(pg_ctl).await,
+            "cannot start the private PostgreSQL cluster on port {}; last lines of its log:\n{}",
+            self.port,
+            self.log_tail()
+        );
+        // pg_ctl -w returns once the postmaster says it is ready; make sure it answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match PgConnection::connect(&self.url("postgres")).await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    return;
+                }
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("the private cluster started but does not answer: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Stops the server the hard way (`pg_ctl stop -m immediate`): every connection is cut at
+    /// once, as when the database host dies.
+    pub async fn stop(&self) {
+        let mut pg_ctl = self.cluster.command("pg_ctl");
+        pg_ctl.args(["stop", "-w", "-t", "60", "-m", "immediate"]);
+        assert!(
+            succeeded(pg_ctl).await,
+            "cannot stop the private PostgreSQL cluster; last lines of its log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    fn log_tail(&self) -> String {
+        let log =
+            String::from_utf8_lossy(&fs::read(self.cluster.log()).unwrap_or_default()).into_owned();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        if !self.cluster.data().join("postmaster.pid").exists() {
+            return;
+        }
+        let mut pg_ctl = std::process::Command::new(self.cluster.bin.join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(self.cluster.data())
+            .args(["stop", "-w", "-t", "30", "-m", "immediate"])
+            .current_dir(&self.cluster.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = self.cluster.owner {
+            use std::os::unix::process::CommandExt;
+            pg_ctl.uid(uid).gid(gid);
+        }
+        let _ = pg_ctl.status();
+    }
+}

@@ -1,0 +1,59 @@
+# klarify-sync container image. See docs/container.md.
+#
+#   podman build --format docker -t klarify-sync .     # or: docker build -t klarify-sync .
+#   docker run -d -v klarify-data:/data -e KLARIFY_ACCESS_KEY -p 8080:8080 klarify-sync
+#   docker run --rm -v klarify-data:/data -e KLARIFY_ACCESS_KEY klarify-sync --backfill
+#
+# RUST_VERSION picks the builder image; the default matches the toolchain the CI machine's
+# stand-in rust image is made from (.ci/container-smoke passes the host's exact version).
+ARG RUST_VERSION=1.95
+
+# ---- builder --------------------------------------------------------------------------------
+# -bookworm so that the binary links against the same glibc as the runtime image.
+FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+WORKDIR /build
+# Only what the build reads (.dockerignore keeps the rest out): the manifests, the sources,
+# the migrations (embedded by sqlx::migrate!) and config/default.toml (embedded by include_str!).
+COPY Cargo.toml Cargo.lock ./
+COPY migrations ./migrations
+COPY config ./config
+COPY src ./src
+# The crate registry and the target directory live in build caches, so a source change rebuilds
+# only this crate and a Cargo.lock change only the crates that changed. The binary is copied
+# out of the cache mount (which is not part of the layer).
+RUN --mount=type=cache,id=klarify-sync-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=klarify-sync-target,target=/build/target,sharing=locked \
+    cargo build --release --locked --bin klarify-sync \
+    && install -D -m 0755 target/release/klarify-sync /out/klarify-sync \
+    && strip --strip-debug /out/klarify-sync
+
+# ---- runtime --------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+# ca-certificates: the system trust store, which the binary trusts for HTTPS besides the Mozilla
+# roots compiled into it; add a private or proxy CA here.
+# Not version-pinned on purpose: a pin to a Debian revision breaks at the next security update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 klarify \
+    && useradd --uid 10001 --gid klarify --home-dir /data --no-create-home --no-log-init \
+        --shell /usr/sbin/nologin klarify \
+    && mkdir -p /data \
+    && chown klarify:klarify /data
+
+COPY --from=builder /out/klarify-sync /usr/local/bin/klarify-sync
+
+# The working directory is the data directory: the default SQLite file, its WAL and lock files
+# land here, and so would an optional ./config/default.toml. Everything else can be read-only.
+WORKDIR /data
+VOLUME ["/data"]
+ENV KLARIFY_SYNC__HTTP__LISTEN=0.0.0.0:8080 \
+    DATABASE_URL=sqlite:///data/klarify.db
+USER 10001:10001
+EXPOSE 8080
+# `klarify-sync healthcheck` reads the same configuration and asks the daemon's /healthz.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["klarify-sync", "healthcheck"]
+# Arguments go to the binary: no arguments = the daemon; `--once`, `--backfill`, `--demo`, ...
+ENTRYPOINT ["klarify-sync"]

@@ -1,0 +1,540 @@
+//! Killed at any moment, stopped at any moment: the real binary under SIGKILL and SIGTERM.
+//!
+//! Each scenario runs `klarify-sync` as a subprocess against an in-process fake Klarify (with
+//! latency, so a pass takes a while), kills it at seeded random points, checks the database
+//! the dead process left behind, and finally lets a run complete and compares the mirror with
+//! the source. Kill points are chosen by events, not by the clock: "after the N-th request the
+//! fake answered", plus a random fraction of one request's latency so the kill lands anywhere
+//! between two requests (parsing, writing, committing). N = 0 kills during start-up.
+//!
+//! `KLARIFY_SYNC_LONG_TESTS=1` multiplies the kill points; `KLARIFY_SYNC_TEST_SEED` replays a
+//! failure (every assertion message carries the seed).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_same, source_of, Backend};
+use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use klarify_sync::klarify::{format_instant, Procedure};
+use klarify_sync::store::Store;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use secrecy::{ExposeSecret, SecretString};
+use time::OffsetDateTime;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+const KEY: &str = "kill-test-key-7731";
+const PAGE_SIZE: usize = 20;
+
+on_both_backends!(
+    backfill_killed_at_random_points,
+    incremental_killed_at_random_points,
+    sigterm_mid_pass_exits_zero_and_the_next_start_resumes,
+);
+
+fn long_tests() -> bool {
+    matches!(
+        std::env::var("KLARIFY_SYNC_LONG_TESTS").as_deref(),
+        Ok("1" | "true" | "yes")
+    )
+}
+
+fn seed(default: u64) -> u64 {
+    std::env::var("KLARIFY_SYNC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Scale {
+    items: usize,
+    kills: usize,
+    latency: Duration,
+}
+
+fn scale() -> Scale {
+    if long_tests() {
+        Scale {
+            items: 1200,
+            kills: 150,
+            latency: Duration::from_millis(10),
+        }
+    } else {
+        Scale {
+            items: 300,
+            kills: 22,
+            latency: Duration::from_millis(15),
+        }
+    }
+}
+
+/// The mirror database of one scenario, and the directory the binary runs in.
+struct Mirror {
+    backend: Backend,
+    url: SecretString,
+    _db_dir: Option<tempfile::TempDir>,
+    cwd: tempfile::TempDir,
+}
+
+impl Mirror {
+    async fn new(backend: Backend) -> Self {
+        let (url, db_dir) = common::database(backend).await;
+        Self {
+            backend,
+            url,
+            _db_dir: db_dir,
+            cwd: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The binary with a clean environment, pointed at `fake` and this mirror.
+    fn command(&self, fake: &FakeKlarify, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_klarify-sync"));
+        cmd.env_clear()
+            .env("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url())
+            .env("KLARIFY_ACCESS_KEY", KEY)
+            .env("DATABASE_URL", self.url.expose_secret())
+            .env("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", PAGE_SIZE.to_string())
+            .env("KLARIFY_SYNC__KLARIFY__RETRY_BASE_DELAY_MS", "1")
+            .env("KLARIFY_SYNC__KLARIFY__RETRY_MAX_DELAY_SECS", "0")
+            .env("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0")
+            .env("KLARIFY_SYNC__LOG__FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .current_dir(self.cwd.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs the binary until it exits on its own; panics unless it succeeds.
+    async fn complete(&self, fake: &FakeKlarify, args: &[&str], context: &str) {
+        let child = self.command(fake, args).spawn().unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{context}: klarify-sync {args:?} did not finish"))
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{context}: klarify-sync {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Opens the mirror as a reader would, or None when the killed process had not yet created
+    /// the schema (opening it through `Store` would migrate it, doing the binary's job for it).
+    async fn open_if_migrated(&self) -> Option<Store> {
+        sqlx::any::install_default_drivers();
+        let Ok(pool) = sqlx::AnyPool::connect(self.url.expose_secret()).await else {
+            return None;
+        };
+        let migrated: Result<(i64,), _> =
+            sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&pool)
+                .await;
+        pool.close().await;
+        match migrated {
+            Ok((n,)) if n > 0 => Some(Store::open(&self.url, 2).await.unwrap()),
+            _ => None,
+        }
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(self.url.expose_secret())
+            .await
+            .unwrap();
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n
+    }
+
+    /// What a process killed at any moment must leave: a readable database, a watermark that
+    /// does not run ahead of the data, no orphaned or duplicated child rows.
+    async fn check_after_kill(&self, fake: &FakeKlarify, context: &str) {
+        let Some(store) = self.open_if_migrated().await else {
+            return;
+        };
+        let watermark = store.watermark().await.unwrap();
+        let mirror = store.live_procedures().await.unwrap();
+        store.close().await;
+        assert_watermark_not_ahead(watermark, &mirror, &source_of(fake), context);
+        if matches!(self.backend, Backend::Sqlite) {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(self.url.expose_secret())
+                .await
+                .unwrap();
+            let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            assert_eq!(check, "ok", "{context}: the SQLite file is damaged");
+        }
+        for sql in [
+            "SELECT COUNT(*) FROM procedure_lanes l WHERE NOT EXISTS \
+             (SELECT 1 FROM procedures p WHERE p.id = l.procedure_id)",
+            "SELECT COUNT(*) FROM procedure_calls c WHERE NOT EXISTS \
+             (SELECT 1 FROM procedures p WHERE p.id = c.procedure_id)",
+            "SELECT COUNT(*) FROM (SELECT id FROM procedures GROUP BY id HAVING COUNT(*) > 1) d",
+        ] {
+            assert_eq!(self.scalar(sql).await, 0, "{context}: {sql}");
+        }
+    }
+
+    /// After the last, complete run: the mirror is the source, and the child tables hold
+    /// exactly the source's lanes and calls, no row twice.
+    async fn assert_equals_source(&self, fake: &FakeKlarify, context: &str) {
+        let store = Store::open(&self.url, 2).await.unwrap();
+        let mirror = store.live_procedures().await.unwrap();
+        store.close().await;
+        let source = source_of(fake);
+        assert_same(&mirror, &source);
+        let lanes: usize = source.iter().map(|p| p.lanes.len()).sum();
+        let calls: usize = source
+            .iter()
+            .map(|p| p.called_within.len() + p.called_from.len())
+            .sum();
+        let live_lanes = self
+            .scalar(
+                "SELECT COUNT(*) FROM procedure_lanes l JOIN procedures p \
+                 ON p.id = l.procedure_id WHERE p.deleted_at IS NULL",
+            )
+            .await;
+        let live_calls = self
+            .scalar(
+                "SELECT COUNT(*) FROM procedure_calls c JOIN procedures p \
+                 ON p.id = c.procedure_id WHERE p.deleted_at IS NULL",
+            )
+            .await;
+        assert_eq!(live_lanes as usize, lanes, "{context}: lane rows");
+        assert_eq!(live_calls as usize, calls, "{context}: call rows");
+        let live = self
+            .scalar("SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL")
+            .await;
+        assert_eq!(live as usize, source.len(), "{context}: live procedures");
+    }
+}
+
+/// The stored watermark never runs ahead of the data written: every source procedure modified
+/// at or before it is in the mirror, in that version or a newer one.
+fn assert_watermark_not_ahead(
+    watermark: Option<OffsetDateTime>,
+    mirror: &[Procedure],
+    source: &[Procedure],
+    context: &str,
+) {
+    let Some(w) = watermark else { return };
+    let mirrored: HashMap<&str, &Procedure> = mirror.iter().map(|p| (p.id.as_str(), p)).collect();
+    for s in source.iter().filter(|s| s.updated_at <= w) {
+        let w = format_instant(w);
+        let at = format_instant(s.updated_at);
+        match mirrored.get(s.id.as_str()) {
+            None => panic!(
+                "{context}: the watermark {w} runs ahead of the data: procedure {} (updated_at {at}) is not in the mirror",
+                s.id
+            ),
+            Some(m) if m.updated_at < s.updated_at => panic!(
+                "{context}: the watermark {w} runs ahead of the data: procedure {} is mirrored at {} but the source has {at}",
+                s.id,
+                format_instant(m.updated_at)
+            ),
+            Some(m) if m.updated_at == s.updated_at => {
+                assert_same(std::slice::from_ref(*m), std::slice::from_ref(s))
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+enum Kill {
+    /// SIGKILLed while running.
+    Killed,
+    /// Finished before the kill point, after this many requests.
+    Finished(u64),
+}
+
+/// Starts `cmd`, waits for the kill point (the `target`-th answered request, then up to one
+/// latency more; `target` 0: up to 80 ms after spawning), and SIGKILLs it.
+async fn kill_at(
+    cmd: &mut Command,
+    fake: &FakeKlarify,
+    target: u64,
+    jitter: Duration,
+    context: &str,
+) -> Kill {
+    let base = fake.requests();
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    if target == 0 {
+        tokio::time::sleep(jitter).await;
+    } else {
+        loop {
+            if fake.requests() >= base + target {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                return finished(child, status, fake.requests() - base, context).await;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{context}: no progress towards request {target} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(jitter).await;
+    }
+    if let Some(status) = child.try_wait().unwrap() {
+        return finished(child, status, fake.requests() - base, context).await;
+    }
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(!status.success(), "{context}: exited 0 although killed");
+    Kill::Killed
+}
+
+async fn finished(mut child: Child, status: ExitStatus, requests: u64, context: &str) -> Kill {
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    assert!(status.success(), "{context}: the run failed: {stderr}");
+    Kill::Finished(requests)
+}
+
+async fn fake(seed: u64, items: usize, latency: Duration) -> FakeKlarify {
+    let opts = FakeOptions {
+        access_key: KEY.into(),
+        latency,
+        seed,
+        unstable_ties: false,
+    };
+    FakeKlarify::start(Organisation::generate(seed, items), opts)
+        .await
+        .unwrap()
+}
+
+fn salt(backend: Backend) -> u64 {
+    match backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => 0x9e37_79b9,
+    }
+}
+
+/// `--backfill` killed again and again while the source changes (edits, inserts, deletes,
+/// bulk edits larger than a page), then run to completion.
+async fn backfill_killed_at_random_points(backend: Backend) {
+    let scale = scale();
+    let seed = seed(0x0b_ac_f1);
+    let mut rng = StdRng::seed_from_u64(seed ^ salt(backend));
+    let fake = fake(seed, scale.items, scale.latency).await;
+    // A bulk edit three pages long, so that tie-group reads get killed too.
+    fake.apply(&Churn {
+        edits: 3 * PAGE_SIZE,
+        bulk: true,
+        ..Churn::default()
+    });
+    let mirror = Mirror::new(backend).await;
+    // Requests of one backfill: pages advance by PAGE_SIZE - 1, plus the tie group's reads.
+    let mut estimate = (scale.items / (PAGE_SIZE - 1) + 8) as u64;
+    let mut killed = 0;
+    for k in 0..scale.kills {
+        let context = format!("seed {seed}, {backend:?}, backfill kill {k}");
+        if k > 0 && rng.gen_bool(0.4) {
+            fake.apply(&Churn {
+                edits: rng.gen_range(0..2 * PAGE_SIZE),
+                inserts: rng.gen_range(0..5),
+                deletes: rng.gen_range(0..3),
+                bulk: rng.gen_bool(0.3),
+            });
+        }
+        let target = rng.gen_range(0..=estimate);
+        let jitter = jitter(&mut rng, target, scale.latency);
+        let mut cmd = mirror.command(&fake, &["--backfill"]);
+        match kill_at(&mut cmd, &fake, target, jitter, &context).await {
+            Kill::Killed => killed += 1,
+            Kill::Finished(requests) => estimate = requests.max(2),
+        }
+        mirror.check_after_kill(&fake, &context).await;
+    }
+    let context = format!("seed {seed}, {backend:?}, backfill after {killed} kills");
+    eprintln!("{context} ({} kill points)", scale.kills);
+    mirror.complete(&fake, &["--backfill"], &context).await;
+    mirror.assert_equals_source(&fake, &context).await;
+    assert!(
+        killed * 2 >= scale.kills,
+        "{context}: only {killed} of {} kill points landed in a run; the scenario no longer \
+         exercises kills (a pass got faster: raise the latency or the size)",
+        scale.kills
+    );
+}
+
+/// `--once` after a complete backfill, killed again and again while edits and bulk edits
+/// arrive, then run to completion.
+async fn incremental_killed_at_random_points(backend: Backend) {
+    let scale = scale();
+    let seed = seed(0x1c_4e_11);
+    let mut rng = StdRng::seed_from_u64(seed ^ salt(backend));
+    let fake = fake(seed, scale.items, scale.latency).await;
+    let mirror = Mirror::new(backend).await;
+    let context = format!("seed {seed}, {backend:?}, first backfill");
+    mirror.complete(&fake, &["--backfill"], &context).await;
+    let mut estimate = 6;
+    let mut killed = 0;
+    for k in 0..scale.kills {
+        let context = format!("seed {seed}, {backend:?}, incremental kill {k}");
+        // No deletes: an incremental pass cannot see them, and the final check is equality.
+        fake.apply(&Churn {
+            edits: rng.gen_range(PAGE_SIZE / 2..3 * PAGE_SIZE),
+            inserts: rng.gen_range(0..8),
+            deletes: 0,
+            bulk: rng.gen_bool(0.35),
+        });
+        let target = rng.gen_range(0..=estimate);
+        let jitter = jitter(&mut rng, target, scale.latency);
+        let mut cmd = mirror.command(&fake, &["--once"]);
+        match kill_at(&mut cmd, &fake, target, jitter, &context).await {
+            Kill::Killed => killed += 1,
+            Kill::Finished(requests) => estimate = requests.max(2),
+        }
+        mirror.check_after_kill(&fake, &context).await;
+    }
+    let context = format!("seed {seed}, {backend:?}, --once after {killed} kills");
+    eprintln!("{context} ({} kill points)", scale.kills);
+    mirror.complete(&fake, &["--once"], &context).await;
+    mirror.assert_equals_source(&fake, &context).await;
+    assert!(
+        killed * 3 >= scale.kills,
+        "{context}: only {killed} of {} kill points landed in a run",
+        scale.kills
+    );
+}
+
+/// How long after the kill point's event to wait: for point 0, anywhere in start-up; else
+/// half the time within the first 3 ms (the page just answered is being parsed and
+/// committed), half the time anywhere within one request's latency plus a few ms.
+fn jitter(rng: &mut StdRng, target: u64, latency: Duration) -> Duration {
+    let max = if target == 0 {
+        80_000
+    } else if rng.gen_bool(0.5) {
+        3_000
+    } else {
+        latency.as_micros() as u64 + 5_000
+    };
+    Duration::from_micros(rng.gen_range(0..=max))
+}
+
+/// SIGTERM while the daemon's first pass is paging: the process exits 0 within a few seconds,
+/// the pass is recorded as interrupted with its committed pages kept, and the next start
+/// resumes from the watermark instead of starting over.
+async fn sigterm_mid_pass_exits_zero_and_the_next_start_resumes(backend: Backend) {
+    const ITEMS: usize = 400;
+    let fake = fake(31, ITEMS, Duration::from_millis(50)).await;
+    let mirror = Mirror::new(backend).await;
+    let mut daemon = mirror.command(&fake, &[]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fake.requests() < 6 {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            let mut stderr = String::new();
+            let _ = daemon
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await;
+            panic!("{backend:?}: the daemon exited ({status}) before its first pass: {stderr}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{backend:?}: the first pass never started"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pid = daemon.id().unwrap() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let stopping = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(5), daemon.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{backend:?}: the daemon did not exit within 5 s of SIGTERM"))
+        .unwrap();
+    let mut stderr = String::new();
+    let _ = daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await;
+    assert!(
+        status.success(),
+        "{backend:?}: exit status {status} after SIGTERM: {stderr}"
+    );
+    let took = stopping.elapsed();
+
+    let store = Store::open(&mirror.url, 2).await.unwrap();
+    let watermark = store
+        .watermark()
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{backend:?}: no page was committed before SIGTERM"));
+    let kept = store.live_procedures().await.unwrap();
+    store.close().await;
+    assert_watermark_not_ahead(
+        Some(watermark),
+        &kept,
+        &source_of(&fake),
+        &format!("{backend:?} after SIGTERM"),
+    );
+    assert!(
+        !kept.is_empty() && kept.len() < ITEMS,
+        "{backend:?}: SIGTERM was meant to land mid-pass, but {} of {ITEMS} were mirrored",
+        kept.len()
+    );
+    let stopped = runs(&mirror).await;
+    assert_eq!(
+        stopped.last().map(|r| r.0.as_str()),
+        Some("interrupted"),
+        "{backend:?}: the stopped pass is recorded as interrupted: {stopped:?}"
+    );
+
+    mirror
+        .complete(&fake, &["--once"], &format!("{backend:?} after SIGTERM"))
+        .await;
+    mirror
+        .assert_equals_source(&fake, &format!("{backend:?} resumed"))
+        .await;
+    let runs = runs(&mirror).await;
+    let (outcome, before, inserted) = runs.last().unwrap().clone();
+    assert_eq!(outcome, "succeeded");
+    assert_eq!(
+        before.as_deref(),
+        Some(format_instant(watermark).as_str()),
+        "{backend:?}: the next pass starts from the watermark the stopped one committed"
+    );
+    assert_eq!(
+        inserted as usize,
+        ITEMS - kept.len(),
+        "{backend:?}: the next pass inserts only what the stopped one had not (stopped in {took:?})"
+    );
+}
+
+/// `(outcome, watermark_before, inserted)` of every pass, oldest first.
+async fn runs(mirror: &Mirror) -> Vec<(String, Option<String>, i64)> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(mirror.url.expose_secret())
+        .await
+        .unwrap();
+    let rows =
+        sqlx::query_as("SELECT outcome, watermark_before, inserted FROM sync_runs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    rows
+}
