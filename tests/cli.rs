@@ -281,6 +281,14 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         .as_str()
         .unwrap()
         .to_owned();
+    let scheduled = daemon.wait_for("scheduled").await;
+    assert_eq!(scheduled["cron"], "0 */5 * * * *");
+    assert!(
+        scheduled["next"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("UTC")),
+        "{scheduled}"
+    );
     daemon.wait_for("sync pass succeeded").await;
 
     assert_eq!(get(&addr, "/healthz").await.0, 200);
@@ -420,4 +428,53 @@ async fn run_in_terminal(env: Vec<(String, String)>, command: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
+    let fake = fake(60).await;
+    let dir = tempfile::tempdir().unwrap();
+    fake.inject(
+        Fault::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+        2,
+    );
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "KLARIFY_SYNC__LOG__FORMAT", "json");
+    set(&mut env, "RUST_LOG", "klarify_sync=info");
+    let out = run(env.clone(), &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let retries: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "Klarify request failed; retrying")
+        .collect();
+    assert_eq!(retries.len(), 2, "{}", out.stdout);
+    let done = lines
+        .iter()
+        .find(|l| l["message"] == "sync pass succeeded")
+        .expect("the pass's line");
+    for line in retries {
+        assert_eq!(line["span"]["run"], 1, "no run id: {line}");
+        assert_eq!(line["span"]["mode"], "incremental", "{line}");
+    }
+    assert_eq!(
+        (&done["run"], &done["mode"], &done["inserted"]),
+        (&1.into(), &"incremental".into(), &60.into())
+    );
+    assert!(
+        done["watermark"].is_string() && done["duration_ms"].is_u64() && done["pages"].is_u64()
+    );
+
+    // The filter comes from log.filter when RUST_LOG is unset.
+    env.retain(|(k, _)| k != "RUST_LOG");
+    set(&mut env, "KLARIFY_SYNC__LOG__FILTER", "warn");
+    let quiet = run(env, &["--once"]).await;
+    assert!(quiet.ok && quiet.stdout.is_empty(), "{}", quiet.stdout);
 }

@@ -82,7 +82,6 @@ pub struct PassReport {
 }
 
 /// Runs one pass and records it in `sync_runs`.
-#[tracing::instrument(skip_all, fields(mode = mode.as_str(), run))]
 pub async fn run_pass(
     client: &KlarifyClient,
     store: &Store,
@@ -104,6 +103,7 @@ pub struct Progress {
 }
 
 /// [`run_pass`], reporting progress as it goes.
+#[tracing::instrument(skip_all, fields(mode = mode.as_str(), run))]
 pub async fn run_pass_observed(
     client: &KlarifyClient,
     store: &Store,
