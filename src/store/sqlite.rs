@@ -15,7 +15,7 @@ pub(super) static DIALECT: Dialect = Dialect {
     // In WAL mode NORMAL never corrupts the file; a power cut (not a crash of the process) may
     // lose the last commits, each of which carries its own watermark, so the mirror stays
     // consistent and the next pass re-reads what was lost.
-    session_setup: Some("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -16384"),
+    session_setup: Some("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192"),
     existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
         WHERE p.id IN (SELECT value FROM json_each($1))",
     // `WHERE true` resolves SQLite's parsing ambiguity between a SELECT's join and ON CONFLICT.
