@@ -310,3 +310,30 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     let value = response.headers().get(RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic or a log line can only show what `Debug` and `Display` print.
+    #[test]
+    fn neither_the_client_nor_its_settings_nor_its_errors_print_the_key() {
+        let settings = ClientSettings {
+            base_url: "https://integration.klarify.biz".parse().unwrap(),
+            access_key: "the-secret-key".into(),
+            page_size: 100,
+            request_timeout: Duration::from_secs(1),
+            max_attempts: 1,
+            retry_base_delay: Duration::from_millis(1),
+            retry_max_delay: Duration::from_millis(1),
+            max_body_bytes: 1024,
+        };
+        let client = KlarifyClient::new(settings.clone()).unwrap();
+        let shown = format!("{settings:?} {client:?} {}", KlarifyError::KeyRejected);
+        assert!(!shown.contains("the-secret-key"), "{shown}");
+        assert!(
+            shown.contains("integration.klarify.biz/api/procedures"),
+            "{shown}"
+        );
+    }
+}
