@@ -23,7 +23,6 @@ use klarify_sync::sync::{Mode, SyncError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -82,45 +81,9 @@ fn status(status: u16, retry_after_secs: Option<u64>) -> Fault {
     }
 }
 
-/// The stored watermark never runs ahead of the data written: every source procedure modified
-/// at or before it is in the mirror, in that version or a newer one.
-fn watermark_not_ahead(
-    watermark: Option<OffsetDateTime>,
-    mirror: &[Procedure],
-    source: &[Procedure],
-    context: &str,
-) {
-    let Some(w) = watermark else { return };
-    let mirrored: HashMap<&str, &Procedure> = mirror.iter().map(|p| (p.id.as_str(), p)).collect();
-    let missing: Vec<String> = source
-        .iter()
-        .filter(|s| s.updated_at <= w)
-        .filter(|s| {
-            mirrored
-                .get(s.id.as_str())
-                .is_none_or(|m| m.updated_at < s.updated_at)
-        })
-        .map(|s| format!("{} ({})", s.id, format_instant(s.updated_at)))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{context}: the watermark {} runs ahead of the data: {} procedure(s) at or before it are \
-         missing or older in the mirror: {:?}",
-        format_instant(w),
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    for s in source.iter().filter(|s| s.updated_at <= w) {
-        let m = mirrored[s.id.as_str()];
-        if m.updated_at == s.updated_at {
-            assert_same(std::slice::from_ref(m), std::slice::from_ref(s));
-        }
-    }
-}
-
 async fn assert_watermark_not_ahead(env: &Env, context: &str) {
     let watermark = env.store.watermark().await.unwrap();
-    watermark_not_ahead(watermark, &env.mirror().await, &env.source(), context);
+    common::assert_watermark_not_ahead(watermark, &env.mirror().await, &env.source(), context);
 }
 
 /// The fault is over: one incremental pass brings the mirror to the source, watermark included.

@@ -12,18 +12,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same, source_of, Backend};
+use common::{assert_same, assert_watermark_not_ahead, long_tests, seed, source_of, Backend};
 use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
-use klarify_sync::klarify::{format_instant, Procedure};
+use klarify_sync::klarify::format_instant;
 use klarify_sync::store::Store;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::{ExposeSecret, SecretString};
-use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
@@ -35,20 +33,6 @@ on_both_backends!(
     incremental_killed_at_random_points,
     sigterm_mid_pass_exits_zero_and_the_next_start_resumes,
 );
-
-fn long_tests() -> bool {
-    matches!(
-        std::env::var("KLARIFY_SYNC_LONG_TESTS").as_deref(),
-        Ok("1" | "true" | "yes")
-    )
-}
-
-fn seed(default: u64) -> u64 {
-    std::env::var("KLARIFY_SYNC_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Scale {
     items: usize,
@@ -219,37 +203,6 @@ impl Mirror {
             .scalar("SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL")
             .await;
         assert_eq!(live as usize, source.len(), "{context}: live procedures");
-    }
-}
-
-/// The stored watermark never runs ahead of the data written: every source procedure modified
-/// at or before it is in the mirror, in that version or a newer one.
-fn assert_watermark_not_ahead(
-    watermark: Option<OffsetDateTime>,
-    mirror: &[Procedure],
-    source: &[Procedure],
-    context: &str,
-) {
-    let Some(w) = watermark else { return };
-    let mirrored: HashMap<&str, &Procedure> = mirror.iter().map(|p| (p.id.as_str(), p)).collect();
-    for s in source.iter().filter(|s| s.updated_at <= w) {
-        let w = format_instant(w);
-        let at = format_instant(s.updated_at);
-        match mirrored.get(s.id.as_str()) {
-            None => panic!(
-                "{context}: the watermark {w} runs ahead of the data: procedure {} (updated_at {at}) is not in the mirror",
-                s.id
-            ),
-            Some(m) if m.updated_at < s.updated_at => panic!(
-                "{context}: the watermark {w} runs ahead of the data: procedure {} is mirrored at {} but the source has {at}",
-                s.id,
-                format_instant(m.updated_at)
-            ),
-            Some(m) if m.updated_at == s.updated_at => {
-                assert_same(std::slice::from_ref(*m), std::slice::from_ref(s))
-            }
-            Some(_) => {}
-        }
     }
 }
 

@@ -9,63 +9,21 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{assert_same, assert_source_contained, Backend, Env};
+use common::{
+    assert_same, assert_source_contained, assert_watermark_not_ahead, long_tests, seed, Backend,
+    Env,
+};
 use klarify_sync::fake::{Churn, Fault, Organisation};
-use klarify_sync::klarify::{format_instant, KlarifyClient, KlarifyError, Procedure};
+use klarify_sync::klarify::{KlarifyClient, KlarifyError};
 use klarify_sync::sync::{Mode, SyncError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use time::OffsetDateTime;
 
 const ATTEMPTS: usize = 3;
 
 on_both_backends!(random_churn_and_faults_never_lose_a_record);
-
-fn long_tests() -> bool {
-    matches!(
-        std::env::var("KLARIFY_SYNC_LONG_TESTS").as_deref(),
-        Ok("1" | "true" | "yes")
-    )
-}
-
-fn seed(default: u64) -> u64 {
-    std::env::var("KLARIFY_SYNC_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The stored watermark never runs ahead of the data written.
-fn watermark_not_ahead(
-    watermark: Option<OffsetDateTime>,
-    mirror: &[Procedure],
-    source: &[Procedure],
-    context: &str,
-) {
-    let Some(w) = watermark else { return };
-    let mirrored: HashMap<&str, &Procedure> = mirror.iter().map(|p| (p.id.as_str(), p)).collect();
-    for s in source.iter().filter(|s| s.updated_at <= w) {
-        let m = mirrored.get(s.id.as_str()).unwrap_or_else(|| {
-            panic!(
-                "{context}: the watermark {} runs ahead of the data: {} ({}) is not mirrored",
-                format_instant(w),
-                s.id,
-                format_instant(s.updated_at)
-            )
-        });
-        assert!(
-            m.updated_at >= s.updated_at,
-            "{context}: the watermark {} runs ahead of the data: {} is mirrored at {}, served at {}",
-            format_instant(w),
-            s.id,
-            format_instant(m.updated_at),
-            format_instant(s.updated_at)
-        );
-    }
-}
 
 fn random_fault(rng: &mut StdRng) -> Fault {
     let status = |status, retry_after_secs| Fault::Status {
@@ -179,7 +137,7 @@ async fn random_churn_and_faults_never_lose_a_record(backend: Backend) {
         let (mirror, source) = (env.mirror().await, env.source());
         let watermark = env.store.watermark().await.unwrap();
         let trail = || history[history.len().saturating_sub(5)..].join("\n");
-        watermark_not_ahead(
+        assert_watermark_not_ahead(
             watermark,
             &mirror,
             &source,

@@ -5,13 +5,15 @@
 
 pub mod pg;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use klarify_sync::fake::{FakeKlarify, FakeOptions, Organisation};
-use klarify_sync::klarify::{parse_item, ClientSettings, KlarifyClient, Procedure};
+use klarify_sync::klarify::{format_instant, parse_item, ClientSettings, KlarifyClient, Procedure};
 use klarify_sync::store::Store;
 use klarify_sync::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};
 use secrecy::SecretString;
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy)]
@@ -192,4 +194,56 @@ pub fn assert_source_contained(mirror: &[Procedure], source: &[Procedure]) {
         .cloned()
         .collect();
     assert_same(&kept, source);
+}
+
+/// The stored watermark never runs ahead of the data written: every source procedure modified
+/// at or before it is in the mirror, in that version or a newer one.
+pub fn assert_watermark_not_ahead(
+    watermark: Option<OffsetDateTime>,
+    mirror: &[Procedure],
+    source: &[Procedure],
+    context: &str,
+) {
+    let Some(w) = watermark else { return };
+    let mirrored: HashMap<&str, &Procedure> = mirror.iter().map(|p| (p.id.as_str(), p)).collect();
+    let missing: Vec<String> = source
+        .iter()
+        .filter(|s| s.updated_at <= w)
+        .filter(|s| {
+            mirrored
+                .get(s.id.as_str())
+                .is_none_or(|m| m.updated_at < s.updated_at)
+        })
+        .map(|s| format!("{} ({})", s.id, format_instant(s.updated_at)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{context}: the watermark {} runs ahead of the data: {} procedure(s) at or before it are \
+         missing or older in the mirror: {:?}",
+        format_instant(w),
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    for s in source.iter().filter(|s| s.updated_at <= w) {
+        let m = mirrored[s.id.as_str()];
+        if m.updated_at == s.updated_at {
+            assert_same(std::slice::from_ref(m), std::slice::from_ref(s));
+        }
+    }
+}
+
+/// `KLARIFY_SYNC_LONG_TESTS=1` turns the fast variants of the randomized tests into long ones.
+pub fn long_tests() -> bool {
+    matches!(
+        std::env::var("KLARIFY_SYNC_LONG_TESTS").as_deref(),
+        Ok("1" | "true" | "yes")
+    )
+}
+
+/// The seed of a randomized test, replayable with `KLARIFY_SYNC_TEST_SEED`.
+pub fn seed(default: u64) -> u64 {
+    std::env::var("KLARIFY_SYNC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
