@@ -165,6 +165,7 @@ async fn locked_pass(
         rejected: 0,
         stats: WriteStats::default(),
         pending: Pending::default(),
+        writing: None,
     };
     let outcome = pass.run().await;
     let deleted = match (&outcome, mode) {
@@ -226,6 +227,9 @@ struct Pass<'a> {
     stats: WriteStats,
     /// Pages read but not yet committed.
     pending: Pending,
+    /// The write of earlier pages, running while the pass fetches on.
+    writing:
+        Option<tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>), StoreError>>>,
 }
 
 /// How many items gather before they are committed together.
@@ -244,7 +248,8 @@ impl Pass<'_> {
     async fn run(&mut self) -> Result<(), SyncError> {
         let walked = self.walk().await;
         let flushed = self.flush().await;
-        walked.and(flushed)
+        let settled = self.settle().await;
+        walked.and(flushed).and(settled)
     }
 
     async fn walk(&mut self) -> Result<(), SyncError> {
@@ -391,9 +396,11 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Writes the queued pages in one transaction, with the newest watermark among them when
-    /// that moves the stored one forward.
+    /// Starts writing the queued pages in one transaction, with the newest watermark among
+    /// them when that moves the stored one forward. The write runs while the next pages are
+    /// fetched; writes never overlap, so they commit in order.
     async fn flush(&mut self) -> Result<(), SyncError> {
+        self.settle().await?;
         let pending = std::mem::take(&mut self.pending);
         let forward = pending
             .watermark
@@ -401,16 +408,27 @@ impl Pass<'_> {
         if pending.items.is_empty() && pending.rejected.is_empty() && forward.is_none() {
             return Ok(());
         }
-        self.stats += self
-            .store
-            .write_page(&PageWrite {
-                run: self.run,
+        let (store, run, track_seen) = (self.store.clone(), self.run, self.mode == Mode::Backfill);
+        self.writing = Some(tokio::spawn(async move {
+            let page = PageWrite {
+                run,
                 items: &pending.items,
                 rejected: &pending.rejected,
                 watermark: forward,
-                track_seen: self.mode == Mode::Backfill,
-            })
-            .await?;
+                track_seen,
+            };
+            store.write_page(&page).await.map(|stats| (stats, forward))
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any, and takes note of what it committed.
+    async fn settle(&mut self) -> Result<(), SyncError> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(());
+        };
+        let (stats, forward) = writing.await.expect("a page write does not panic")?;
+        self.stats += stats;
         if forward.is_some() {
             self.stored = forward;
         }
