@@ -228,9 +228,11 @@ struct Pass<'a> {
     /// Pages read but not yet committed.
     pending: Pending,
     /// The write of earlier pages, running while the pass fetches on.
-    writing:
-        Option<tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>), StoreError>>>,
+    writing: Option<Writing>,
 }
+
+/// A batch being written: what it did, and the watermark it committed.
+type Writing = tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>), StoreError>>;
 
 /// How many items gather before they are committed together.
 const COMMIT_ITEMS: usize = 1000;
