@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, Env};
 use klarify_sync::daemon::Daemon;
-use klarify_sync::fake::Organisation;
+use klarify_sync::fake::{Fault, Organisation};
 use klarify_sync::klarify::KlarifyClient;
 use tokio::sync::oneshot;
 
 on_both_backends!(
     only_one_replica_syncs_and_the_other_takes_over,
     the_scheduled_reconciliation_detects_deletions,
+    readyz_says_never_synced_stale_and_schema_mismatch,
 );
 
 /// A daemon on port 0 over `env`'s source and database, stopped by sending on the channel.
@@ -23,6 +24,15 @@ async fn start(
     cron: &str,
     backfill_cron: Option<&str>,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    start_with(env, cron, backfill_cron, Duration::from_secs(600)).await
+}
+
+async fn start_with(
+    env: &Env,
+    cron: &str,
+    backfill_cron: Option<&str>,
+    max_staleness: Duration,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let daemon = Daemon {
         client: KlarifyClient::new(common::client_settings(&env.fake, 50)).unwrap(),
         database_url: env.database_url.clone(),
@@ -30,7 +40,7 @@ async fn start(
         options: env.options.clone(),
         cron: cron.to_owned(),
         backfill_cron: backfill_cron.map(str::to_owned),
-        max_staleness: Duration::from_secs(600),
+        max_staleness,
         retry_delays: (Duration::from_millis(50), Duration::from_millis(200)),
     }
     .bind("127.0.0.1:0".parse().unwrap())
@@ -142,4 +152,34 @@ async fn assert_no_overlapping_runs(env: &Env) {
     for pair in runs.windows(2) {
         assert!(pair[1].0 >= pair[0].1, "passes overlap: {pair:?}");
     }
+}
+
+async fn readyz_says_never_synced_stale_and_schema_mismatch(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(33, 60), 50).await;
+    // The first pass hangs on its first request: the daemon has never synced.
+    env.fake.inject(Fault::Hang(Duration::from_secs(3)), 1);
+    let (addr, stop, task) = start_with(&env, "0 0 0 1 1 *", None, Duration::from_secs(2)).await;
+    eventually("never synced", || async {
+        readyz(addr).await.1["reason"] == "never_synced"
+    })
+    .await;
+    eventually("ready", || async { readyz(addr).await.0 == 200 }).await;
+    // No pass is due until next year, so the last success ages past max_staleness (2 s).
+    eventually("stale", || async {
+        readyz(addr).await.1["reason"] == "stale"
+    })
+    .await;
+
+    // Another version of klarify-sync migrated the database further.
+    let newer = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 SELECT 9999, 'newer', success, checksum, execution_time FROM _sqlx_migrations WHERE version = 1";
+    sqlx::query(newer).execute(&pool(&env).await).await.unwrap();
+    let (status, body) = readyz(addr).await;
+    assert_eq!(
+        (status, &body["reason"]),
+        (503, &"schema_mismatch".into()),
+        "{body}"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
 }
