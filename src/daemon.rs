@@ -170,6 +170,17 @@ impl BoundDaemon {
     }
 }
 
+/// What the sync loop waits for after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The next cron tick.
+    Tick,
+    /// The next tick, or this long, whichever comes first: a failure is retried.
+    RetryIn(Duration),
+    /// Nothing: the daemon is shutting down.
+    Stop,
+}
+
 struct SyncLoop {
     client: KlarifyClient,
     store: Store,
@@ -187,19 +198,19 @@ impl SyncLoop {
         let mut backoff = self.backoff();
         let mut leader: Option<LockGuard> = None;
         loop {
-            let retry_in = match self.lead(&mut leader).await {
+            let next = match self.lead(&mut leader).await {
                 Ok(true) => self.pass(&mut backoff).await,
-                Ok(false) => None,
-                Err(SyncError::Interrupted) => return,
+                Ok(false) => Next::Tick,
+                Err(SyncError::Interrupted) => Next::Stop,
                 Err(e) => self.failed(&e, &mut backoff),
             };
-            if retry_in == Some(Duration::ZERO) {
-                return;
+            if next == Next::Stop {
+                break;
             }
             let retry = async {
-                match retry_in {
-                    Some(wait) => tokio::time::sleep(wait).await,
-                    None => std::future::pending().await,
+                match next {
+                    Next::RetryIn(wait) => tokio::time::sleep(wait).await,
+                    Next::Tick | Next::Stop => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -235,8 +246,8 @@ impl SyncLoop {
         }
     }
 
-    /// Runs one pass; returns when to retry (`None`: at the next tick; zero: stop).
-    async fn pass(&self, backoff: &mut ExponentialBackoff) -> Option<Duration> {
+    /// Runs one pass; says what to wait for before the next.
+    async fn pass(&self, backoff: &mut ExponentialBackoff) -> Next {
         let mode = if self.backfill_due.swap(false, Ordering::SeqCst) {
             Mode::Backfill
         } else {
@@ -248,9 +259,9 @@ impl SyncLoop {
                 self.readiness.pass_succeeded();
                 report.log();
                 *backoff = self.backoff();
-                None
+                Next::Tick
             }
-            Err(SyncError::Interrupted) => Some(Duration::ZERO),
+            Err(SyncError::Interrupted) => Next::Stop,
             Err(e) => {
                 // A failed reconciliation is retried as one, except when it refused to delete:
                 // that needs a person, and the next scheduled one will look again.
@@ -263,11 +274,11 @@ impl SyncLoop {
         }
     }
 
-    fn failed(&self, e: &SyncError, backoff: &mut ExponentialBackoff) -> Option<Duration> {
+    fn failed(&self, e: &SyncError, backoff: &mut ExponentialBackoff) -> Next {
         self.readiness.pass_failed(e);
         let wait = backoff.next().unwrap_or(self.retry_delays.1);
         tracing::error!(error = %e, retry_in = ?wait, "sync pass failed");
-        Some(wait)
+        Next::RetryIn(wait)
     }
 
     fn backoff(&self) -> ExponentialBackoff {

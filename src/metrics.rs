@@ -97,7 +97,8 @@ pub fn render() -> String {
 }
 
 /// Records the end of a pass, whatever its outcome.
-pub fn record_pass(mode: Mode, outcome: &'static str, r: &RunRecord, duration: Duration) {
+pub fn record_pass(mode: Mode, r: &RunRecord, duration: Duration) {
+    let outcome = r.outcome;
     let mode = mode.as_str();
     metrics::histogram!("klarify_sync_pass_duration_seconds", "mode" => mode).record(duration);
     metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome)

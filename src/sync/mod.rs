@@ -194,7 +194,7 @@ async fn locked_pass(
     if let Err(e) = store.finish_run(run, &record).await {
         tracing::warn!(error = %e, "could not record the end of the pass in sync_runs");
     }
-    crate::metrics::record_pass(mode, record.outcome, &record, started.elapsed());
+    crate::metrics::record_pass(mode, &record, started.elapsed());
     let deleted = outcome?;
     Ok(PassReport {
         run,
@@ -278,7 +278,7 @@ impl Pass<'_> {
                 Step::TieGroup(at) => {
                     self.commit(&page, None).await?;
                     self.read_tie_group(cursor, at).await?;
-                    self.commit_watermark(at).await?;
+                    self.commit_watermark(at);
                     cursor = Some(at);
                 }
                 Step::Stuck => {
@@ -437,9 +437,9 @@ impl Pass<'_> {
         Ok(())
     }
 
-    async fn commit_watermark(&mut self, at: OffsetDateTime) -> Result<(), SyncError> {
+    /// Lets the next commit move the watermark to `at`, with no pages of its own.
+    fn commit_watermark(&mut self, at: OffsetDateTime) {
         self.pending.watermark = self.pending.watermark.max(Some(at));
-        Ok(())
     }
 }
 
