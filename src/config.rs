@@ -43,6 +43,8 @@ pub struct KlarifySettings {
     pub retry_base_delay_ms: u64,
     pub retry_max_delay_secs: u64,
     pub max_body_bytes: usize,
+    pub concurrency: usize,
+    pub max_requests_per_second: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +205,15 @@ impl Settings {
         if k.max_body_bytes < 1024 {
             return Err(invalid("klarify.max_body_bytes", "must be at least 1024"));
         }
+        if !(1..=64).contains(&k.concurrency) {
+            return Err(invalid("klarify.concurrency", "must be between 1 and 64"));
+        }
+        if k.max_requests_per_second == 0 {
+            return Err(invalid(
+                "klarify.max_requests_per_second",
+                "must be at least 1",
+            ));
+        }
         if let Some(url) = &self.database.url {
             database_kind(url.expose_secret())?;
         }
@@ -252,6 +263,8 @@ impl Settings {
             retry_base_delay: Duration::from_millis(k.retry_base_delay_ms),
             retry_max_delay: Duration::from_secs(k.retry_max_delay_secs),
             max_body_bytes: k.max_body_bytes,
+            concurrency: k.concurrency,
+            max_requests_per_second: k.max_requests_per_second,
         }
     }
 }
@@ -375,6 +388,18 @@ mod tests {
             (
                 &[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "0")],
                 "klarify.page_size",
+            ),
+            (
+                &[("KLARIFY_SYNC__KLARIFY__CONCURRENCY", "0")],
+                "klarify.concurrency",
+            ),
+            (
+                &[("KLARIFY_SYNC__KLARIFY__CONCURRENCY", "65")],
+                "klarify.concurrency",
+            ),
+            (
+                &[("KLARIFY_SYNC__KLARIFY__MAX_REQUESTS_PER_SECOND", "0")],
+                "klarify.max_requests_per_second",
             ),
             (
                 &[("KLARIFY_SYNC__KLARIFY__BASE_URL", "http://klarify.example")],

@@ -52,6 +52,8 @@ on_both_backends!(
 );
 
 /// A client with fast retries and `ATTEMPTS` attempts, to `base_url` (the fake or a saboteur).
+/// Faults queued for "the next N requests" land on one request's attempts only when requests
+/// are made one at a time, so tests of a single request's fate read with one reader.
 fn settings(base_url: &str, page_size: u32) -> ClientSettings {
     ClientSettings {
         base_url: base_url.parse().unwrap(),
@@ -62,6 +64,8 @@ fn settings(base_url: &str, page_size: u32) -> ClientSettings {
         retry_base_delay: Duration::from_millis(1),
         retry_max_delay: Duration::from_millis(20),
         max_body_bytes: 4 << 20,
+        concurrency: 8,
+        max_requests_per_second: 10_000,
     }
 }
 
@@ -104,6 +108,7 @@ async fn a_server_that_never_answers_times_out(backend: Backend) {
     let mut env = Env::new(backend, Organisation::generate(41, 300), 25).await;
     let mut s = settings(&env.fake.base_url(), 25);
     s.request_timeout = Duration::from_millis(300);
+    s.concurrency = 1;
     use_client(&mut env, s);
     passthrough(&env, 4);
     env.fake
@@ -135,6 +140,7 @@ async fn a_body_that_stalls_times_out(backend: Backend) {
     let saboteur = Saboteur::start(&env.fake).await;
     let mut s = settings(&saboteur.base_url(), 25);
     s.request_timeout = Duration::from_millis(300);
+    s.concurrency = 1;
     use_client(&mut env, s);
     saboteur.queue(Sabotage::Pass, 4);
     saboteur.queue(Sabotage::StallBody, ATTEMPTS);
@@ -194,7 +200,8 @@ async fn dropped_connections_are_retried_then_fail_cleanly(backend: Backend) {
 
 async fn truncated_and_non_json_bodies_fail_cleanly(backend: Backend) {
     let mut env = Env::new(backend, Organisation::generate(44, 300), 25).await;
-    let s = settings(&env.fake.base_url(), 25);
+    let mut s = settings(&env.fake.base_url(), 25);
+    s.concurrency = 1;
     use_client(&mut env, s);
     for (fault, what) in [(Fault::Truncated, "truncated"), (Fault::NotJson, "HTML")] {
         passthrough(&env, 3);

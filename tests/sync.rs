@@ -254,12 +254,14 @@ async fn a_failed_pass_resumes_without_loss(backend: Backend) {
         },
     );
     env.fake.inject(Fault::Hang(Duration::ZERO), 4);
+    // Enough failures that some request, among as many in flight as the client allows, fails
+    // all its 4 attempts.
     env.fake.inject(
         Fault::Status {
             status: 502,
             retry_after_secs: None,
         },
-        4,
+        4 * env.client.concurrency(),
     );
     let err = env.pass(Mode::Incremental).await.unwrap_err();
     assert!(
@@ -289,6 +291,7 @@ async fn a_failed_pass_resumes_without_loss(backend: Backend) {
             p.id
         );
     }
+    env.fake.clear_faults();
     env.pass(Mode::Incremental).await.unwrap();
     env.fake.churn_every(0, Churn::default());
     env.pass(Mode::Incremental).await.unwrap();

@@ -104,6 +104,9 @@ struct Inner {
     unstable_ties: bool,
     latency_nanos: AtomicU64,
     answered: AtomicU64,
+    in_flight: AtomicU64,
+    /// The most requests ever in flight at once: how parallel a client really was.
+    max_in_flight: AtomicU64,
     /// Flips to true once to stop the server, hanging requests and background churn.
     stop: watch::Sender<bool>,
     server: Mutex<Option<JoinHandle<()>>>,
@@ -170,6 +173,8 @@ impl FakeKlarify {
             unstable_ties: opts.unstable_ties,
             latency_nanos: AtomicU64::new(nanos(opts.latency)),
             answered: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             stop,
             server: Mutex::new(None),
         });
@@ -196,6 +201,11 @@ impl FakeKlarify {
         self.inner.answered.load(Ordering::SeqCst)
     }
 
+    /// The most requests that were ever in flight at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.inner.max_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.inner.latency_nanos.store(nanos(d), Ordering::Relaxed);
     }
@@ -204,6 +214,12 @@ impl FakeKlarify {
     pub fn inject(&self, fault: Fault, times: usize) {
         let mut control = self.inner.lock();
         control.faults.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Drops the faults still queued: with requests in parallel, a test cannot tell how many of
+    /// them a failing pass used up.
+    pub fn clear_faults(&self) {
+        self.inner.lock().faults.clear();
     }
 
     /// Applies `churn` just before serving every `n_requests`-th request from now; 0 stops it.

@@ -38,6 +38,8 @@ pub(super) async fn run(listener: TcpListener, inner: Arc<Inner>, mut stop: watc
 }
 
 async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri) -> Response {
+    let in_flight = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    inner.max_in_flight.fetch_max(in_flight, Ordering::SeqCst);
     let fault = inner.arrive();
     let latency = inner.latency();
     if !latency.is_zero() {
@@ -46,6 +48,7 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri) -> Re
     let response = answer(&inner, &method, &uri, fault).await;
     // Counted before the client can see the response, so tests can read it right after.
     inner.answered.fetch_add(1, Ordering::SeqCst);
+    inner.in_flight.fetch_sub(1, Ordering::SeqCst);
     response
 }
 

@@ -4,12 +4,16 @@
 //! metric would leak it: reqwest errors are stripped of their URL, redirects are refused (a
 //! redirect would carry the key to another host) and nothing here ever formats the request URL.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::{header::RETRY_AFTER, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
+use tokio::sync::Semaphore;
 use url::Url;
 
 use super::model::{format_instant, Page, RawPage};
@@ -30,6 +34,10 @@ pub struct ClientSettings {
     pub retry_max_delay: Duration,
     /// A page bigger than this is refused: a broken server must not exhaust our memory.
     pub max_body_bytes: usize,
+    /// Requests in flight at once, across the whole process (at least 1).
+    pub concurrency: usize,
+    /// Requests started per second, across the whole process, retries included (at least 1).
+    pub max_requests_per_second: u32,
 }
 
 /// Which page to ask for. The sort is always `updated_at,asc`: the sync engine's cursor relies on it.
@@ -104,12 +112,16 @@ impl From<KlarifyError> for Failure {
     }
 }
 
-/// Owns one connection pool for the process's lifetime.
+/// Owns one connection pool for the process's lifetime. Clones share it, and share the limits
+/// on requests in flight and per second: the API sees one polite client however many tasks
+/// page through it.
 #[derive(Clone)]
 pub struct KlarifyClient {
     http: reqwest::Client,
     endpoint: Url,
     settings: ClientSettings,
+    in_flight: Arc<Semaphore>,
+    rate: Arc<DefaultDirectRateLimiter>,
 }
 
 impl std::fmt::Debug for KlarifyClient {
@@ -142,15 +154,24 @@ impl KlarifyClient {
             })?
             .pop_if_empty()
             .extend(["api", "procedures"]);
+        let per_second =
+            NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN);
         Ok(Self {
             http,
             endpoint,
+            in_flight: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+            rate: Arc::new(RateLimiter::direct(Quota::per_second(per_second))),
             settings,
         })
     }
 
     pub fn page_size(&self) -> u32 {
         self.settings.page_size
+    }
+
+    /// How many requests may be in flight at once.
+    pub fn concurrency(&self) -> usize {
+        self.settings.concurrency.max(1)
     }
 
     /// Fetches one page, retrying transient failures with capped, jittered exponential backoff.
@@ -162,6 +183,26 @@ impl KlarifyClient {
     pub async fn count(&self, after: Option<OffsetDateTime>) -> Result<u64, KlarifyError> {
         let page = self.fetch(PageQuery { page: 0, after }, 1).await?;
         Ok(page.total_count)
+    }
+
+    /// The item at `offset` (counted from 0) of those modified after `after`, in `updated_at`
+    /// order: one item's worth of a request. `None` past the end, or when that item cannot be
+    /// understood.
+    pub async fn item_at(
+        &self,
+        after: Option<OffsetDateTime>,
+        offset: u32,
+    ) -> Result<Option<OffsetDateTime>, KlarifyError> {
+        let page = self
+            .fetch(
+                PageQuery {
+                    page: offset,
+                    after,
+                },
+                1,
+            )
+            .await?;
+        Ok(page.items.first().map(|p| p.updated_at))
     }
 
     async fn fetch(&self, query: PageQuery, page_size: u32) -> Result<Page, KlarifyError> {
@@ -194,6 +235,13 @@ impl KlarifyClient {
     }
 
     async fn fetch_once(&self, query: PageQuery, page_size: u32) -> Result<Page, Failure> {
+        // Held for the request only, not across a retry's wait.
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        self.rate.until_ready().await;
         let started = std::time::Instant::now();
         let outcome = self.request(query, page_size).await;
         let status = match &outcome {
@@ -327,6 +375,8 @@ mod tests {
             retry_base_delay: Duration::from_millis(1),
             retry_max_delay: Duration::from_millis(1),
             max_body_bytes: 1024,
+            concurrency: 1,
+            max_requests_per_second: 1,
         };
         let client = KlarifyClient::new(settings.clone()).unwrap();
         let shown = format!("{settings:?} {client:?} {}", KlarifyError::KeyRejected);

@@ -1,4 +1,6 @@
-//! The pure part of the paging algorithm (docs/sync.md): where the cursor may move after a page.
+//! The pure part of the paging algorithm (docs/sync.md): where the cursor may move after a page,
+//! how a pass splits into ranges of `updated_at`, and how far the stored watermark may follow
+//! ranges that finish out of order.
 
 use time::{Duration, OffsetDateTime};
 
@@ -53,6 +55,69 @@ pub fn step(items: &[Procedure], more: bool) -> Step {
     }
 }
 
+/// The starts of the ranges a pass is split into: `start`, then each sampled `updated_at` above
+/// it, in order and once each. Range `i` is `(starts[i], starts[i + 1]]`, the last one open.
+/// Any set of samples partitions the time line, so samples skewed by changes during sampling
+/// only make ranges uneven, never lose an item.
+pub fn range_starts(
+    start: Option<OffsetDateTime>,
+    mut samples: Vec<OffsetDateTime>,
+) -> Vec<Option<OffsetDateTime>> {
+    samples.retain(|s| start.is_none_or(|c| *s > c));
+    samples.sort();
+    samples.dedup();
+    std::iter::once(start)
+        .chain(samples.into_iter().map(Some))
+        .collect()
+}
+
+/// How far each range has been read. Ranges are read in parallel and finish in any order; the
+/// stored watermark may only cover what is read without a gap from the pass's start.
+#[derive(Debug)]
+pub struct Frontier {
+    ranges: Vec<RangeProgress>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RangeProgress {
+    /// Every item of the range up to here has been read.
+    reached: Option<OffsetDateTime>,
+    finished: bool,
+}
+
+impl Frontier {
+    pub fn new(starts: &[Option<OffsetDateTime>]) -> Self {
+        let ranges = starts
+            .iter()
+            .map(|&reached| RangeProgress {
+                reached,
+                finished: false,
+            })
+            .collect();
+        Self { ranges }
+    }
+
+    /// Range `range` has been read up to `at`, and completely when `finished`.
+    pub fn reach(&mut self, range: usize, at: Option<OffsetDateTime>, finished: bool) {
+        let r = &mut self.ranges[range];
+        r.reached = r.reached.max(at);
+        r.finished |= finished;
+    }
+
+    /// The newest instant up to which everything has been read: the end of the finished
+    /// ranges at the front, and as far as the first unfinished one has got.
+    pub fn watermark(&self) -> Option<OffsetDateTime> {
+        let mut watermark = None;
+        for r in &self.ranges {
+            watermark = watermark.max(r.reached);
+            if !r.finished {
+                break;
+            }
+        }
+        watermark
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +162,39 @@ mod tests {
         );
         assert_eq!(step(&[], false), Step::Done(None));
         assert_eq!(step(&[], true), Step::Stuck);
+    }
+
+    #[test]
+    fn ranges_start_at_the_cursor_then_at_each_distinct_sample_above_it() {
+        let t = |s: u8| Some(datetime!(2024-01-01 00:00:00 UTC) + Duration::seconds(s.into()));
+        let samples = [9, 3, 3, 1, 7].map(|s| t(s).unwrap()).to_vec();
+        assert_eq!(
+            range_starts(t(2), samples.clone()),
+            [t(2), t(3), t(7), t(9)]
+        );
+        assert_eq!(range_starts(None, samples), [None, t(1), t(3), t(7), t(9)]);
+        assert_eq!(range_starts(t(2), Vec::new()), [t(2)]);
+    }
+
+    #[test]
+    fn the_watermark_waits_for_the_first_unfinished_range() {
+        let t = |s: u8| Some(datetime!(2024-01-01 00:00:00 UTC) + Duration::seconds(s.into()));
+        let mut frontier = Frontier::new(&[None, t(10), t(20)]);
+        assert_eq!(frontier.watermark(), None);
+        // Later ranges finishing first move nothing.
+        frontier.reach(1, t(20), true);
+        frontier.reach(2, t(25), false);
+        assert_eq!(frontier.watermark(), None);
+        frontier.reach(0, t(4), false);
+        assert_eq!(frontier.watermark(), t(4));
+        // Once the front range finishes, the watermark runs on to the first unfinished one.
+        frontier.reach(0, t(10), true);
+        assert_eq!(frontier.watermark(), t(25));
+        frontier.reach(2, t(30), true);
+        assert_eq!(frontier.watermark(), t(30));
+        // A range never goes back.
+        frontier.reach(2, t(1), false);
+        assert_eq!(frontier.watermark(), t(30));
     }
 
     #[test]

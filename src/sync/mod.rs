@@ -1,23 +1,26 @@
-//! One sync pass: page through Klarify from the cursor and commit each page with the cursor it
-//! reaches. The algorithm, and why it cannot skip a record, is in docs/sync.md.
+//! One sync pass: page through Klarify from the cursor (a large pass split into ranges of
+//! `updated_at` read in parallel, `read`) and commit batches of pages with the cursor they
+//! reach. The algorithm, and why it cannot skip a record, is in docs/sync.md.
 //!
 //! A pass is a plain async function returning a report, so `--once`, `--backfill`, the daemon
 //! and the tests all call the same thing; the scheduler only decides when.
 
 mod cursor;
+mod read;
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::klarify::{KlarifyClient, KlarifyError, Page, PageQuery, Procedure, Rejected};
+use crate::klarify::{KlarifyClient, KlarifyError, Procedure, Rejected};
 use crate::store::{
     LockGuard, LockKind, PageWrite, RunId, RunRecord, Store, StoreError, WriteStats,
 };
-use cursor::{check_order, step, Step};
+use cursor::Frontier;
+use read::{Event, Reader};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -151,23 +154,22 @@ async fn locked_pass(
     let watermark = store.watermark().await?;
     let run = store.begin_run(mode.as_str(), watermark).await?;
     tracing::Span::current().record("run", run);
+    let start = match mode {
+        Mode::Backfill => None,
+        Mode::Incremental => watermark.map(|w| w - options.overlap),
+    };
+    let reader = Reader::new(client, options, progress, shutdown);
     let mut pass = Pass {
-        client,
         store,
-        options,
-        shutdown,
-        progress,
         run,
         mode,
         stored: watermark,
-        pages: 0,
-        fetched: 0,
-        rejected: 0,
         stats: WriteStats::default(),
+        frontier: Frontier::new(&[start]),
         pending: Pending::default(),
         writing: None,
     };
-    let outcome = pass.run().await;
+    let outcome = pass.run(&reader, start).await;
     let deleted = match (&outcome, mode) {
         (Ok(()), Mode::Backfill) => {
             store
@@ -183,10 +185,10 @@ async fn locked_pass(
             Err(SyncError::Interrupted) => "interrupted",
             Err(_) => "failed",
         },
-        pages: pass.pages,
-        fetched: pass.fetched,
+        pages: reader.pages.into_inner(),
+        fetched: reader.fetched.into_inner(),
         stats: pass.stats,
-        rejected: pass.rejected,
+        rejected: reader.rejected.into_inner(),
         deleted: *outcome.as_ref().unwrap_or(&0),
         watermark_after: pass.stored,
         error: outcome.as_ref().err().map(ToString::to_string),
@@ -210,24 +212,20 @@ async fn locked_pass(
     })
 }
 
-/// The state of one pass in flight.
+/// The writing side of a pass in flight: gathers what the reader sends into batches and
+/// commits each with the watermark the ranges read so far allow.
 struct Pass<'a> {
-    client: &'a KlarifyClient,
     store: &'a Store,
-    options: &'a SyncOptions,
-    shutdown: &'a CancellationToken,
-    progress: &'a Progress,
     run: RunId,
     mode: Mode,
     /// The watermark as committed; it only ever moves forward.
     stored: Option<OffsetDateTime>,
-    pages: u64,
-    fetched: u64,
-    rejected: u64,
     stats: WriteStats,
-    /// Pages read but not yet committed.
+    /// How far each range has been read, as far as received.
+    frontier: Frontier,
+    /// Items received but not yet committed.
     pending: Pending,
-    /// The write of earlier pages, running while the pass fetches on.
+    /// The write of earlier items, running while more are received.
     writing: Option<Writing>,
 }
 
@@ -237,175 +235,73 @@ type Writing = tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime
 /// How many items gather before they are committed together.
 const COMMIT_ITEMS: usize = 1000;
 
+/// Events (a page each, mostly) queued between the readers and the writer: enough to keep the
+/// readers busy during a commit, few enough to bound memory while the database is slow.
+const QUEUED_EVENTS: usize = 32;
+
 #[derive(Default)]
 struct Pending {
     items: Vec<Procedure>,
     rejected: Vec<Rejected>,
-    watermark: Option<OffsetDateTime>,
 }
 
 impl Pass<'_> {
-    /// Walks the pages, then commits whatever is still queued, also after a failure: what was
-    /// read is good data, and its watermark is still behind anything unread.
-    async fn run(&mut self) -> Result<(), SyncError> {
-        let walked = self.walk().await;
+    /// Reads and writes at once until the reader is done, then commits whatever is still
+    /// queued, also after a failure: what was read is good data, and the watermark that
+    /// comes with it is still behind anything unread.
+    async fn run(
+        &mut self,
+        reader: &Reader<'_>,
+        start: Option<OffsetDateTime>,
+    ) -> Result<(), SyncError> {
+        let walked = match reader.plan(start).await {
+            Ok(plan) => {
+                self.frontier = Frontier::new(&plan.starts);
+                let (events, received) = mpsc::channel(QUEUED_EVENTS);
+                let (read, written) =
+                    tokio::join!(reader.read(plan, events), self.receive(received));
+                // A failed write hangs up on the reader: its error is the cause.
+                written.and(read)
+            }
+            Err(e) => Err(e),
+        };
         let flushed = self.flush().await;
         let settled = self.settle().await;
         walked.and(flushed).and(settled)
     }
 
-    async fn walk(&mut self) -> Result<(), SyncError> {
-        let mut cursor = match self.mode {
-            Mode::Backfill => None,
-            Mode::Incremental => self.stored.map(|w| w - self.options.overlap),
-        };
-        loop {
-            let page = self.fetch(0, cursor).await?;
-            check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
-            // A server whose hasNext lies on the last page is caught by its own totalCount.
-            let more =
-                page.served() > 0 && (page.has_next || page.total_count > page.served() as u64);
-            match step(&page.items, more) {
-                Step::Done(newest) => {
-                    let end = newest.max(cursor);
-                    self.commit(&page, end).await?;
-                    return Ok(());
+    async fn receive(&mut self, mut events: mpsc::Receiver<Event>) -> Result<(), SyncError> {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Items { items, rejected } => {
+                    self.pending.items.extend(items);
+                    self.pending.rejected.extend(rejected);
+                    if self.pending.items.len() + self.pending.rejected.len() >= COMMIT_ITEMS {
+                        self.flush().await?;
+                    }
                 }
-                Step::Advance(next) => {
-                    self.commit(&page, Some(next)).await?;
-                    cursor = Some(next);
-                }
-                Step::TieGroup(at) => {
-                    self.commit(&page, None).await?;
-                    self.read_tie_group(cursor, at).await?;
-                    self.commit_watermark(at);
-                    cursor = Some(at);
-                }
-                Step::Stuck => {
-                    self.commit(&page, None).await?;
-                    return Err(SyncError::Stuck);
-                }
+                Event::Reached {
+                    range,
+                    at,
+                    finished,
+                } => self.frontier.reach(range, at, finished),
             }
-        }
-    }
-
-    /// Reads every item whose `updated_at` is `at`, by page number under a fixed cursor, and
-    /// proves the reading complete by count (docs/sync.md, "Tie groups").
-    async fn read_tie_group(
-        &mut self,
-        cursor: Option<OffsetDateTime>,
-        at: OffsetDateTime,
-    ) -> Result<(), SyncError> {
-        let page_size = u64::from(self.client.page_size());
-        let mut size = 0;
-        for attempt in 1..=self.options.tie_group_attempts {
-            // Newer first: an item leaving the group between the two counts is then counted
-            // twice, never missed, so `size` can only overestimate the group.
-            let newer = self.count(Some(at)).await?;
-            size = self.count(cursor).await?.saturating_sub(newer);
-            let mut seen = HashSet::new();
-            let mut unreadable = HashSet::new();
-            for number in 0.. {
-                let page = self.fetch(number, cursor).await?;
-                check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
-                self.commit(&page, None).await?;
-                // The group ends where the first newer item stands; what comes before it,
-                // readable or not, belongs to the group.
-                let offset = u64::from(number) * page_size;
-                let newer_at = page
-                    .items
-                    .iter()
-                    .position(|p| p.updated_at > at)
-                    .map(|k| page.positions[k]);
-                let in_group = newer_at.unwrap_or(page.served());
-                seen.extend(
-                    page.items
-                        .iter()
-                        .filter(|p| p.updated_at == at)
-                        .map(|p| p.id.clone()),
-                );
-                unreadable.extend(
-                    page.rejected
-                        .iter()
-                        .filter(|r| r.position < in_group)
-                        .map(|r| r.raw.clone()),
-                );
-                let served = offset + page.served() as u64;
-                // A totalCount that understates the group must not pass off a partial reading:
-                // the positions the pages show count too (an empty page shows none).
-                if page.served() > 0 {
-                    size = size.max(offset + in_group as u64);
-                }
-                let more = page.served() > 0 && (page.has_next || page.total_count > served);
-                if newer_at.is_some() || !more {
-                    break;
-                }
-            }
-            if (seen.len() + unreadable.len()) as u64 >= size {
-                return Ok(());
-            }
-            tracing::warn!(%at, size, seen = seen.len(), attempt, "a group of procedures sharing one updated_at changed while being read; reading it again");
-        }
-        Err(SyncError::UnstableTieGroup {
-            at,
-            size,
-            attempts: self.options.tie_group_attempts,
-        })
-    }
-
-    async fn fetch(&mut self, page: u32, after: Option<OffsetDateTime>) -> Result<Page, SyncError> {
-        let query = PageQuery { page, after };
-        let page = tokio::select! {
-            page = self.client.fetch_page(query) => page?,
-            () = self.shutdown.cancelled() => return Err(SyncError::Interrupted),
-        };
-        if self.pages == 0 {
-            self.progress
-                .total
-                .store(page.total_count, Ordering::Relaxed);
-        }
-        self.progress
-            .fetched
-            .fetch_add(page.items.len() as u64, Ordering::Relaxed);
-        self.pages += 1;
-        self.fetched += page.items.len() as u64;
-        self.rejected += page.rejected.len() as u64;
-        Ok(page)
-    }
-
-    async fn count(&mut self, after: Option<OffsetDateTime>) -> Result<u64, SyncError> {
-        tokio::select! {
-            n = self.client.count(after) => Ok(n?),
-            () = self.shutdown.cancelled() => Err(SyncError::Interrupted),
-        }
-    }
-
-    /// Queues a page for the next commit, with the watermark it allows; commits once enough
-    /// has gathered. Committing several pages at once costs the database far less than one
-    /// transaction a page (fewer WAL writes of the same index pages); a kill loses at most
-    /// the queued pages, which the watermark then still lies before.
-    async fn commit(
-        &mut self,
-        page: &Page,
-        watermark: Option<OffsetDateTime>,
-    ) -> Result<(), SyncError> {
-        self.pending.items.extend_from_slice(&page.items);
-        self.pending.rejected.extend_from_slice(&page.rejected);
-        self.pending.watermark = self.pending.watermark.max(watermark);
-        if self.pending.items.len() + self.pending.rejected.len() >= COMMIT_ITEMS {
-            self.flush().await?;
         }
         Ok(())
     }
 
-    /// Starts writing the queued pages in one transaction, with the newest watermark among
-    /// them when that moves the stored one forward. The write runs while the next pages are
-    /// fetched; writes never overlap, so they commit in order.
+    /// Starts writing the queued items in one transaction, with the watermark everything
+    /// received so far allows, when that moves the stored one forward. Committing many pages at
+    /// once costs the database far less than one transaction a page (fewer WAL writes of the
+    /// same index pages); a kill loses at most the queued items, which the watermark then
+    /// still lies before. The write runs while more is received; writes never overlap, so they
+    /// commit in order.
     async fn flush(&mut self) -> Result<(), SyncError> {
         self.settle().await?;
         let pending = std::mem::take(&mut self.pending);
-        let forward = pending
-            .watermark
+        let forward = self
+            .frontier
+            .watermark()
             .filter(|w| self.stored.is_none_or(|s| *w > s));
         if pending.items.is_empty() && pending.rejected.is_empty() && forward.is_none() {
             return Ok(());
@@ -435,11 +331,6 @@ impl Pass<'_> {
             self.stored = forward;
         }
         Ok(())
-    }
-
-    /// Lets the next commit move the watermark to `at`, with no pages of its own.
-    fn commit_watermark(&mut self, at: OffsetDateTime) {
-        self.pending.watermark = self.pending.watermark.max(Some(at));
     }
 }
 

@@ -71,6 +71,8 @@ pub fn client_settings(fake: &FakeKlarify, page_size: u32) -> ClientSettings {
         retry_base_delay: Duration::from_millis(1),
         retry_max_delay: Duration::from_millis(20),
         max_body_bytes: 8 << 20,
+        concurrency: 8,
+        max_requests_per_second: 10_000,
     }
 }
 
