@@ -25,6 +25,9 @@ struct Args {
     latency_ms: u64,
     #[arg(long, default_value_t = 100)]
     page_size: u32,
+    /// klarify.concurrency for klarify-sync.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
     /// An admin URL of a PostgreSQL server where the bench may create databases; without it
     /// only SQLite is measured.
     #[arg(long, env = "BENCH_DATABASE_URL")]
@@ -97,13 +100,17 @@ struct Measured {
 /// Runs klarify-sync to completion and measures it with `wait4`, which reports the child's own
 /// peak resident set size. (`wait4` reaps the child, so `Child::wait` is never called.)
 #[allow(clippy::zombie_processes)]
-fn sync(fake: &Fake, database_url: &str, page_size: u32, args: &[&str]) -> Measured {
+fn sync(fake: &Fake, database_url: &str, settings: &Args, args: &[&str]) -> Measured {
     let started = Instant::now();
     let child = Command::new(sibling("klarify-sync"))
         .args(args)
         .env("KLARIFY_SYNC__KLARIFY__BASE_URL", &fake.url)
         .env("KLARIFY_ACCESS_KEY", "test-key")
-        .env("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", page_size.to_string())
+        .env("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", settings.page_size.to_string())
+        .env(
+            "KLARIFY_SYNC__KLARIFY__CONCURRENCY",
+            settings.concurrency.to_string(),
+        )
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -161,8 +168,8 @@ async fn fresh_postgres(admin: &str, name: &str) -> String {
 async fn main() {
     let args = Args::parse();
     let dir = tempfile_dir();
-    println!("| backend | procedures | latency | scenario | wall s | procedures/s | requests | rows written | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| backend | procedures | latency | scenario | wall s | procedures/s | requests | wall ÷ round-trip floor | rows written | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.procedures {
         let mut backends = vec![("sqlite", format!("sqlite://{}/bench-{n}.db", dir.display()))];
         if let Some(admin) = &args.postgres {
@@ -175,15 +182,27 @@ async fn main() {
             let mut fake = Fake::start(n, args.latency_ms);
             let row = |scenario: &str, fake: &mut Fake, run_args: &[&str]| {
                 let before = fake.requests();
-                let m = sync(fake, &url, args.page_size, run_args);
+                let m = sync(fake, &url, &args, run_args);
                 let requests = fake.requests() - before;
                 let (inserted, updated) = written(&url);
-                let rate = match scenario {
-                    "backfill" => format!("{:.0}", n as f64 / m.wall.as_secs_f64()),
-                    _ => "-".to_owned(),
+                let (rate, versus_floor) = match scenario {
+                    "backfill" => {
+                        // What the round trips allow: every page once, `concurrency` at a time.
+                        let pages = n.div_ceil(args.page_size as usize) as f64;
+                        let floor = pages * args.latency_ms as f64 / 1000.0 / args.concurrency as f64;
+                        (
+                            format!("{:.0}", n as f64 / m.wall.as_secs_f64()),
+                            if floor > 0.0 {
+                                format!("{:.2} ({floor:.2} s)", m.wall.as_secs_f64() / floor)
+                            } else {
+                                "-".to_owned()
+                            },
+                        )
+                    }
+                    _ => ("-".to_owned(), "-".to_owned()),
                 };
                 println!(
-                    "| {backend} | {n} | {} ms | {scenario} | {:.2} | {rate} | {requests} | {} | {:.1} |",
+                    "| {backend} | {n} | {} ms | {scenario} | {:.2} | {rate} | {requests} | {versus_floor} | {} | {:.1} |",
                     args.latency_ms,
                     m.wall.as_secs_f64(),
                     inserted + updated,
