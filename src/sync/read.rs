@@ -220,7 +220,8 @@ impl<'a> Reader<'a> {
         let mut size = 0;
         for attempt in 1..=self.options.tie_group_attempts {
             // Newer first: an item leaving the group between the two counts is then counted
-            // twice, never missed, so `size` can only overestimate the group.
+            // twice, never missed, so `size` overestimates the group (the one exception, a
+            // newer item deleted in between, is in docs/sync.md).
             let newer = self.count(Some(at)).await?;
             size = self.count(cursor).await?.saturating_sub(newer);
             let mut seen = HashSet::new();
