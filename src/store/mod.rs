@@ -31,13 +31,17 @@ pub(crate) struct Dialect {
     pub session_setup: Option<&'static str>,
     /// `$1`: JSON array of ids -> `id, updated_at, content_hash, deleted_at`.
     pub existing: &'static str,
-    /// `$1`: JSON array of [`ProcRow`], `$2`: now.
-    pub upsert_procedures: &'static str,
-    /// `$1`: JSON array of ids.
-    pub delete_lanes: &'static str,
-    pub delete_calls: &'static str,
-    /// `$1`: JSON array of [`LaneRow`] / [`CallRow`].
-    pub insert_lanes: &'static str,
+    /// `$1`: JSON array of [`ProcRow`], `$2`: now. Upserts `procedures` and records each
+    /// written version in `procedure_history` (a new version adds a row, a rewrite of a stored
+    /// version takes the new content and clears its deletion mark). Run in order; every
+    /// statement of a list takes the same parameters.
+    pub write_procedures: &'static [&'static str],
+    /// `$1`: JSON array of ids of procedures already stored, after they were rewritten: removes
+    /// their lanes and calls, and the lanes of the version they now have.
+    pub delete_replaced: &'static [&'static str],
+    /// `$1`: JSON array of [`LaneRow`] -> `procedure_lanes` and `procedure_version_lanes`.
+    pub insert_lanes: &'static [&'static str],
+    /// `$1`: JSON array of [`CallRow`].
     pub insert_calls: &'static str,
     /// `$1`: JSON array of [`RejectRow`], `$2`: now -> `raw_hash, is_new`.
     pub upsert_rejected: &'static str,
@@ -47,8 +51,9 @@ pub(crate) struct Dialect {
     pub begin_run: &'static str,
     /// `$1`: id, `$2`: finished_at, `$3`: outcome, `$4`..`$10`: counts, `$11`: watermark_after, `$12`: error.
     pub finish_run: &'static str,
-    /// `$1`: run id, `$2`: now.
-    pub mark_deleted: &'static str,
+    /// `$1`: run id, `$2`: now. Marks live procedures the run did not see deleted and ends
+    /// their current version in `procedure_history`; run in order.
+    pub mark_deleted: &'static [&'static str],
     /// -> `id, name, status, owner, performer, updated_at, url, raw` of live procedures.
     pub live_procedures: &'static str,
     /// `$1`: limit -> the newest `sync_runs` rows as [`RunSummary`] columns, newest first.
@@ -331,6 +336,7 @@ impl Store {
         let mut stats = WriteStats::default();
         let mut rows = Vec::new();
         let mut written = Vec::new();
+        let mut replaced = Vec::new();
         for &p in &items {
             let hash = content_hash(&p.raw);
             let counter = match stored.get(&p.id) {
@@ -343,33 +349,38 @@ impl Store {
                     stats.unchanged += 1;
                     continue;
                 }
-                Some(_) => &mut stats.updated,
+                Some(_) => {
+                    replaced.push(p.id.as_str());
+                    &mut stats.updated
+                }
             };
             *counter += 1;
             rows.push(ProcRow::new(p, hash));
             written.push(p);
         }
         if !rows.is_empty() {
-            let changed = json(&rows.iter().map(|r| r.id).collect::<Vec<_>>());
-            sqlx::query(d.upsert_procedures)
-                .bind(json(&rows))
-                .bind(&now)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(d.delete_lanes)
-                .bind(&changed)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(d.delete_calls)
-                .bind(&changed)
-                .execute(&mut *tx)
-                .await?;
-            let lanes = LaneRow::all(&written);
-            if !lanes.is_empty() {
-                sqlx::query(d.insert_lanes)
-                    .bind(json(&lanes))
+            let rows = json(&rows);
+            for sql in d.write_procedures {
+                sqlx::query(sql)
+                    .bind(&rows)
+                    .bind(&now)
                     .execute(&mut *tx)
                     .await?;
+            }
+            // New procedures have nothing to replace (foreign keys guarantee it), so a backfill
+            // into an empty mirror skips these lookups altogether.
+            if !replaced.is_empty() {
+                let replaced = json(&replaced);
+                for sql in d.delete_replaced {
+                    sqlx::query(sql).bind(&replaced).execute(&mut *tx).await?;
+                }
+            }
+            let lanes = LaneRow::all(&written);
+            if !lanes.is_empty() {
+                let lanes = json(&lanes);
+                for sql in d.insert_lanes {
+                    sqlx::query(sql).bind(&lanes).execute(&mut *tx).await?;
+                }
             }
             let calls = CallRow::all(&written);
             if !calls.is_empty() {
@@ -434,11 +445,14 @@ impl Store {
             });
         }
         if unseen > 0 {
-            sqlx::query(self.dialect.mark_deleted)
-                .bind(run)
-                .bind(now_text())
-                .execute(&mut *tx)
-                .await?;
+            let now = now_text();
+            for sql in self.dialect.mark_deleted {
+                sqlx::query(sql)
+                    .bind(run)
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         sqlx::query(CLEAR_SEEN).bind(run).execute(&mut *tx).await?;
         tx.commit().await?;
@@ -568,9 +582,12 @@ impl<'a> ProcRow<'a> {
     }
 }
 
+/// A lane of a written procedure, also a lane of the version it was written in: the parsed
+/// `lanes` are exactly the item's own (`raw`'s) list.
 #[derive(Serialize)]
 struct LaneRow<'a> {
     procedure_id: &'a str,
+    updated_at: String,
     position: usize,
     lane: &'a str,
 }
@@ -578,11 +595,16 @@ struct LaneRow<'a> {
 impl<'a> LaneRow<'a> {
     fn all(procs: &[&'a Procedure]) -> Vec<Self> {
         let rows = procs.iter().flat_map(|p| {
-            p.lanes.iter().enumerate().map(|(position, lane)| LaneRow {
-                procedure_id: &p.id,
-                position,
-                lane,
-            })
+            let updated_at = format_instant(p.updated_at);
+            p.lanes
+                .iter()
+                .enumerate()
+                .map(move |(position, lane)| LaneRow {
+                    procedure_id: &p.id,
+                    updated_at: updated_at.clone(),
+                    position,
+                    lane,
+                })
         });
         rows.collect()
     }
