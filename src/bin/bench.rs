@@ -106,7 +106,10 @@ fn sync(fake: &Fake, database_url: &str, settings: &Args, args: &[&str]) -> Meas
         .args(args)
         .env("KLARIFY_SYNC__KLARIFY__BASE_URL", &fake.url)
         .env("KLARIFY_ACCESS_KEY", "test-key")
-        .env("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", settings.page_size.to_string())
+        .env(
+            "KLARIFY_SYNC__KLARIFY__PAGE_SIZE",
+            settings.page_size.to_string(),
+        )
         .env(
             "KLARIFY_SYNC__KLARIFY__CONCURRENCY",
             settings.concurrency.to_string(),
@@ -189,7 +192,8 @@ async fn main() {
                     "backfill" => {
                         // What the round trips allow: every page once, `concurrency` at a time.
                         let pages = n.div_ceil(args.page_size as usize) as f64;
-                        let floor = pages * args.latency_ms as f64 / 1000.0 / args.concurrency as f64;
+                        let floor =
+                            pages * args.latency_ms as f64 / 1000.0 / args.concurrency as f64;
                         (
                             format!("{:.0}", n as f64 / m.wall.as_secs_f64()),
                             if floor > 0.0 {
