@@ -15,7 +15,15 @@ pub(super) static DIALECT: Dialect = Dialect {
     // In WAL mode NORMAL never corrupts the file; a power cut (not a crash of the process) may
     // lose the last commits, each of which carries its own watermark, so the mirror stays
     // consistent and the next pass re-reads what was lost.
-    session_setup: Some("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192"),
+    //
+    // Every pool connection has its own page cache of `cache_size`, and the pool hands out its
+    // idle connections in turn, so without a bound the caches add up to max_connections × 8 MiB.
+    // `soft_heap_limit` is process-wide: past it SQLite frees the least recently used unpinned
+    // pages of any connection (the bundled build shares one page LRU across connections and
+    // enables memory management) instead of growing, so all caches together stay near 16 MiB.
+    session_setup: Some(
+        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; PRAGMA soft_heap_limit = 16777216",
+    ),
     existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
         WHERE p.id IN (SELECT value FROM json_each($1))",
     // `WHERE true` resolves SQLite's parsing ambiguity between a SELECT's join and ON CONFLICT.
