@@ -15,12 +15,20 @@ pub(super) static DIALECT: Dialect = Dialect {
     // In WAL mode NORMAL never corrupts the file; a power cut (not a crash of the process) may
     // lose the last commits, each of which carries its own watermark, so the mirror stays
     // consistent and the next pass re-reads what was lost.
+    //
     // A batch dirties thousands of pages (random ids land all over eight primary and secondary
     // keys), more than the default checkpoint threshold of 1,000 pages: every commit then paid a
     // checkpoint with two fsyncs. With 20,000 pages (80 MiB of WAL) a checkpoint follows every
     // few batches and copies each page once for all of them.
+    //
+    // Every pool connection has its own page cache of `cache_size`, and the pool hands out its
+    // idle connections in turn, so without a bound the caches add up to max_connections × 8 MiB.
+    // `soft_heap_limit` is process-wide: past it SQLite frees the least recently used unpinned
+    // pages of any connection (the bundled build shares one page LRU across connections and
+    // enables memory management) instead of growing, so all caches together stay near 16 MiB.
     session_setup: Some(
-        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 20000",
+        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; \
+         PRAGMA wal_autocheckpoint = 20000; PRAGMA soft_heap_limit = 16777216",
     ),
     existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
         WHERE p.id IN (SELECT value FROM json_each($1))",
