@@ -60,6 +60,10 @@ pub(crate) struct Dialect {
     pub recent_runs: &'static str,
 }
 
+/// Procedures per statement: the JSON array a statement takes, and the database's parse of it,
+/// stay around a megabyte however big the transaction.
+const STATEMENT_ITEMS: usize = 1000;
+
 const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
 const SET_WATERMARK: &str = "INSERT INTO sync_state (id, watermark) VALUES (1, $1) \
      ON CONFLICT (id) DO UPDATE SET watermark = excluded.watermark";
@@ -322,70 +326,18 @@ impl Store {
         let d = self.dialect;
         let now = now_text();
         let items = latest_per_id(page.items);
-        let ids = json(&items.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
 
         let mut tx = self.pool.begin().await?;
-        let stored: HashMap<String, Stored> = sqlx::query(d.existing)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(Stored::from_row)
-            .collect::<Result<_, _>>()?;
-
         let mut stats = WriteStats::default();
-        let mut rows = Vec::new();
-        let mut written = Vec::new();
-        let mut replaced = Vec::new();
-        for &p in &items {
-            let hash = content_hash(&p.raw);
-            let counter = match stored.get(&p.id) {
-                None => &mut stats.inserted,
-                // An older copy (re-reads arrive out of order) or the same content: leave the row
-                // be. A row marked deleted takes whatever is served: the API says it exists.
-                Some(s)
-                    if !s.deleted && (s.updated_at > p.updated_at || s.content_hash == hash) =>
-                {
-                    stats.unchanged += 1;
-                    continue;
-                }
-                Some(_) => {
-                    replaced.push(p.id.as_str());
-                    &mut stats.updated
-                }
-            };
-            *counter += 1;
-            rows.push(ProcRow::new(p, hash));
-            written.push(p);
-        }
-        if !rows.is_empty() {
-            let rows = json(&rows);
-            for sql in d.write_procedures {
-                sqlx::query(sql)
-                    .bind(&rows)
-                    .bind(&now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            // New procedures have nothing to replace (foreign keys guarantee it), so a backfill
-            // into an empty mirror skips these lookups altogether.
-            if !replaced.is_empty() {
-                let replaced = json(&replaced);
-                for sql in d.delete_replaced {
-                    sqlx::query(sql).bind(&replaced).execute(&mut *tx).await?;
-                }
-            }
-            let lanes = LaneRow::all(&written);
-            if !lanes.is_empty() {
-                let lanes = json(&lanes);
-                for sql in d.insert_lanes {
-                    sqlx::query(sql).bind(&lanes).execute(&mut *tx).await?;
-                }
-            }
-            let calls = CallRow::all(&written);
-            if !calls.is_empty() {
-                sqlx::query(d.insert_calls)
-                    .bind(json(&calls))
+        // A big transaction saves page writes; statements over a part of it at a time keep the
+        // JSON parameters, and the database's parse of them, small.
+        for chunk in items.chunks(STATEMENT_ITEMS) {
+            stats += self.write_procedures(&mut tx, chunk, &now).await?;
+            if page.track_seen {
+                let ids = json(&chunk.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
+                sqlx::query(d.insert_seen)
+                    .bind(page.run)
+                    .bind(&ids)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -408,13 +360,6 @@ impl Store {
                 }
             }
         }
-        if page.track_seen && !items.is_empty() {
-            sqlx::query(d.insert_seen)
-                .bind(page.run)
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-        }
         if let Some(w) = page.watermark {
             sqlx::query(SET_WATERMARK)
                 .bind(format_instant(w))
@@ -423,6 +368,85 @@ impl Store {
         }
         tx.commit().await?;
         metrics::histogram!("klarify_sync_db_write_duration_seconds").record(started.elapsed());
+        Ok(stats)
+    }
+
+    /// Writes the procedures among `items` that are new or changed, with their lanes, calls
+    /// and history.
+    async fn write_procedures(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        items: &[&Procedure],
+        now: &str,
+    ) -> Result<WriteStats, StoreError> {
+        let d = self.dialect;
+        let ids = json(&items.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
+        let stored: HashMap<String, Stored> = sqlx::query(d.existing)
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(Stored::from_row)
+            .collect::<Result<_, _>>()?;
+
+        let mut stats = WriteStats::default();
+        let mut rows = Vec::new();
+        let mut written = Vec::new();
+        let mut replaced = Vec::new();
+        for &p in items {
+            let hash = content_hash(&p.raw);
+            let counter = match stored.get(&p.id) {
+                None => &mut stats.inserted,
+                // An older copy (re-reads arrive out of order) or the same content: leave the row
+                // be. A row marked deleted takes whatever is served: the API says it exists.
+                Some(s)
+                    if !s.deleted && (s.updated_at > p.updated_at || s.content_hash == hash) =>
+                {
+                    stats.unchanged += 1;
+                    continue;
+                }
+                Some(_) => {
+                    replaced.push(p.id.as_str());
+                    &mut stats.updated
+                }
+            };
+            *counter += 1;
+            rows.push(ProcRow::new(p, hash));
+            written.push(p);
+        }
+        if rows.is_empty() {
+            return Ok(stats);
+        }
+        let rows = json(&rows);
+        for sql in d.write_procedures {
+            sqlx::query(sql)
+                .bind(&rows)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+        }
+        // New procedures have nothing to replace (foreign keys guarantee it), so a backfill
+        // into an empty mirror skips these lookups altogether.
+        if !replaced.is_empty() {
+            let replaced = json(&replaced);
+            for sql in d.delete_replaced {
+                sqlx::query(sql).bind(&replaced).execute(&mut **tx).await?;
+            }
+        }
+        let lanes = LaneRow::all(&written);
+        if !lanes.is_empty() {
+            let lanes = json(&lanes);
+            for sql in d.insert_lanes {
+                sqlx::query(sql).bind(&lanes).execute(&mut **tx).await?;
+            }
+        }
+        let calls = CallRow::all(&written);
+        if !calls.is_empty() {
+            sqlx::query(d.insert_calls)
+                .bind(json(&calls))
+                .execute(&mut **tx)
+                .await?;
+        }
         Ok(stats)
     }
 
