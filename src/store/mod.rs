@@ -29,6 +29,8 @@ pub(crate) struct Dialect {
     pub migrator: sqlx::migrate::Migrator,
     /// Run on every new connection.
     pub session_setup: Option<&'static str>,
+    /// Procedures per statement within a batch's transaction.
+    pub statement_items: usize,
     /// `$1`: JSON array of ids -> `id, updated_at, content_hash, deleted_at`.
     pub existing: &'static str,
     /// `$1`: JSON array of [`ProcRow`], `$2`: now. Upserts `procedures` and records each
@@ -59,10 +61,6 @@ pub(crate) struct Dialect {
     /// `$1`: limit -> the newest `sync_runs` rows as [`RunSummary`] columns, newest first.
     pub recent_runs: &'static str,
 }
-
-/// Procedures per statement: the JSON array a statement takes, and the database's parse of it,
-/// stay around a megabyte however big the transaction.
-const STATEMENT_ITEMS: usize = 1000;
 
 const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
 const SET_WATERMARK: &str = "INSERT INTO sync_state (id, watermark) VALUES (1, $1) \
@@ -329,9 +327,7 @@ impl Store {
 
         let mut tx = self.pool.begin().await?;
         let mut stats = WriteStats::default();
-        // A big transaction saves page writes; statements over a part of it at a time keep the
-        // JSON parameters, and the database's parse of them, small.
-        for chunk in items.chunks(STATEMENT_ITEMS) {
+        for chunk in items.chunks(d.statement_items) {
             stats += self.write_procedures(&mut tx, chunk, &now).await?;
             if page.track_seen {
                 let ids = json(&chunk.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());

@@ -30,6 +30,10 @@ pub(super) static DIALECT: Dialect = Dialect {
         "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -8192; \
          PRAGMA wal_autocheckpoint = 20000; PRAGMA soft_heap_limit = 16777216",
     ),
+    // The whole batch in each statement: with a small page cache, one table at a time for all
+    // of it keeps that table's pages hot; statements over parts of it cycled through the tables
+    // and were 25% slower (docs/performance.md).
+    statement_items: usize::MAX,
     existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
         WHERE p.id IN (SELECT value FROM json_each($1))",
     // `WHERE true` resolves SQLite's parsing ambiguity between a SELECT's join and ON CONFLICT.

@@ -233,10 +233,10 @@ struct Pass<'a> {
 type Writing = tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>), StoreError>>;
 
 /// How many items gather before they are committed together. A batch touches the same B-tree
-/// pages (random ids) for all its items, so bigger batches write far fewer pages per item: 4,000
-/// backfills about 40% faster than 1,000 on both backends (docs/performance.md); the price is
-/// memory, two batches of items in flight (about 15 MiB at 4,000).
-const COMMIT_ITEMS: usize = 4000;
+/// pages (random ids) for all its items, so bigger batches write fewer pages per item: 3,000
+/// backfills about a third faster than 1,000 (docs/performance.md); the price is memory, two
+/// batches of items in flight, and on SQLite the pages a batch dirties.
+const COMMIT_ITEMS: usize = 3000;
 
 /// Events (a page each, mostly) queued between the readers and the writer: enough to keep the
 /// readers busy during a commit, few enough to bound memory while the database is slow.
