@@ -38,8 +38,7 @@ pub(super) async fn run(listener: TcpListener, inner: Arc<Inner>, mut stop: watc
 }
 
 async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri) -> Response {
-    let in_flight = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    inner.max_in_flight.fetch_max(in_flight, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(&inner);
     let fault = inner.arrive();
     let latency = inner.latency();
     if !latency.is_zero() {
@@ -48,8 +47,25 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri) -> Re
     let response = answer(&inner, &method, &uri, fault).await;
     // Counted before the client can see the response, so tests can read it right after.
     inner.answered.fetch_add(1, Ordering::SeqCst);
-    inner.in_flight.fetch_sub(1, Ordering::SeqCst);
     response
+}
+
+/// Counts a request as in flight until its handler ends, also when a client that gave up
+/// drops it half-way.
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn answer(inner: &Inner, method: &Method, uri: &Uri, fault: Option<Fault>) -> Response {

@@ -328,9 +328,9 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut stats = WriteStats::default();
         for chunk in items.chunks(d.statement_items) {
-            stats += self.write_procedures(&mut tx, chunk, &now).await?;
+            let ids = json(&chunk.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
+            stats += self.write_procedures(&mut tx, chunk, &ids, &now).await?;
             if page.track_seen {
-                let ids = json(&chunk.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
                 sqlx::query(d.insert_seen)
                     .bind(page.run)
                     .bind(&ids)
@@ -368,17 +368,17 @@ impl Store {
     }
 
     /// Writes the procedures among `items` that are new or changed, with their lanes, calls
-    /// and history.
+    /// and history. `ids`: theirs, as a JSON array.
     async fn write_procedures(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         items: &[&Procedure],
+        ids: &str,
         now: &str,
     ) -> Result<WriteStats, StoreError> {
         let d = self.dialect;
-        let ids = json(&items.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
         let stored: HashMap<String, Stored> = sqlx::query(d.existing)
-            .bind(&ids)
+            .bind(ids)
             .fetch_all(&mut **tx)
             .await?
             .into_iter()

@@ -257,17 +257,15 @@ impl Pass<'_> {
         reader: &Reader<'_>,
         start: Option<OffsetDateTime>,
     ) -> Result<(), SyncError> {
-        let walked = match reader.plan(start).await {
-            Ok(plan) => {
-                self.frontier = Frontier::new(&plan.starts);
-                let (events, received) = mpsc::channel(QUEUED_EVENTS);
-                let (read, written) =
-                    tokio::join!(reader.read(plan, events), self.receive(received));
-                // A failed write hangs up on the reader: its error is the cause.
-                written.and(read)
-            }
-            Err(e) => Err(e),
-        };
+        let walked = async {
+            let plan = reader.plan(start).await?;
+            self.frontier = Frontier::new(&plan.starts);
+            let (events, received) = mpsc::channel(QUEUED_EVENTS);
+            let (read, written) = tokio::join!(reader.read(plan, events), self.receive(received));
+            // A failed write hangs up on the reader: its error is the cause.
+            written.and(read)
+        }
+        .await;
         let flushed = self.flush().await;
         let settled = self.settle().await;
         walked.and(flushed).and(settled)

@@ -2,6 +2,7 @@
 //! cursor, and sends what it reads, in order per range, to the writing side (docs/sync.md).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cursor::{check_order, range_starts, step, Step};
 use super::{Progress, SyncError, SyncOptions};
-use crate::klarify::{KlarifyClient, Page, PageQuery, Procedure, Rejected};
+use crate::klarify::{KlarifyClient, KlarifyError, Page, PageQuery, Procedure, Rejected};
 
 /// What the reader tells the writer, in the order it happened within each range.
 #[derive(Debug)]
@@ -275,11 +276,9 @@ impl<'a> Reader<'a> {
     }
 
     async fn fetch(&self, page: u32, after: Option<OffsetDateTime>) -> Result<Page, SyncError> {
-        let query = PageQuery { page, after };
-        let page = tokio::select! {
-            page = self.client.fetch_page(query) => page?,
-            () = self.stop.cancelled() => return Err(SyncError::Interrupted),
-        };
+        let page = self
+            .unless_stopped(self.client.fetch_page(PageQuery { page, after }))
+            .await?;
         let served = page.items.len() as u64;
         self.progress.fetched.fetch_add(served, Ordering::Relaxed);
         self.pages.fetch_add(1, Ordering::Relaxed);
@@ -290,10 +289,7 @@ impl<'a> Reader<'a> {
     }
 
     async fn count(&self, after: Option<OffsetDateTime>) -> Result<u64, SyncError> {
-        tokio::select! {
-            n = self.client.count(after) => Ok(n?),
-            () = self.stop.cancelled() => Err(SyncError::Interrupted),
-        }
+        self.unless_stopped(self.client.count(after)).await
     }
 
     async fn sample(
@@ -301,8 +297,17 @@ impl<'a> Reader<'a> {
         after: Option<OffsetDateTime>,
         offset: u32,
     ) -> Result<Option<OffsetDateTime>, SyncError> {
+        self.unless_stopped(self.client.item_at(after, offset))
+            .await
+    }
+
+    /// A request, abandoned on shutdown or when another range has failed.
+    async fn unless_stopped<T>(
+        &self,
+        request: impl Future<Output = Result<T, KlarifyError>>,
+    ) -> Result<T, SyncError> {
         tokio::select! {
-            at = self.client.item_at(after, offset) => Ok(at?),
+            answer = request => Ok(answer?),
             () = self.stop.cancelled() => Err(SyncError::Interrupted),
         }
     }
