@@ -21,6 +21,7 @@ on_both_backends!(
     example_questions_answer_as_documented,
     history_keeps_each_version_once,
     deletion_ends_a_version_and_revival_continues,
+    a_deleted_procedure_may_come_back_at_a_version_it_had,
     call_edges_resolve_names_among_live_procedures,
     an_existing_mirror_starts_its_history_with_what_it_holds,
     indexes_cover_the_usual_filters,
@@ -570,6 +571,40 @@ async fn deletion_ends_a_version_and_revival_continues(backend: Backend) {
     );
 }
 
+/// Found gone in its second version, a procedure is served again in its first: that version is
+/// current once more, and stays one version (not a history row and a current one).
+async fn a_deleted_procedure_may_come_back_at_a_version_it_had(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(24, 10), 50).await;
+    env.pass(Mode::Backfill).await.unwrap();
+    let first = env.fake.snapshot()[4].clone();
+    let id = first["id"].as_str().unwrap().to_owned();
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let later = later
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    serve_revision(&env, &first, &later, json!({"lanes": ["Second", "Lanes"]}));
+    env.pass(Mode::Incremental).await.unwrap();
+    assert!(env.fake.delete(&id));
+    assert_eq!(env.pass(Mode::Backfill).await.unwrap().deleted, 1);
+
+    env.fake.insert_raw(first.clone());
+    let report = env.pass(Mode::Backfill).await.unwrap();
+    assert_eq!((report.stats.updated, report.deleted), (1, 0));
+    env.assert_mirror_equals_source().await;
+    let versions = format!("SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{id}'");
+    assert_eq!(count(&env, &versions).await, 2);
+    let lanes = format!("SELECT COUNT(*) FROM procedure_version_lanes WHERE procedure_id = '{id}'");
+    let first_lanes = first["lanes"].as_array().map_or(0, Vec::len) as i64;
+    assert_eq!(count(&env, &lanes).await, first_lanes + 2);
+    // The second version, ended when it was found gone, is the one in the history.
+    let ended = format!(
+        "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{id}' \
+         AND updated_at <> (SELECT updated_at FROM procedures WHERE id = '{id}') \
+         AND deleted_at IS NOT NULL"
+    );
+    assert_eq!(count(&env, &ended).await, 1);
+}
+
 async fn call_edges_resolve_names_among_live_procedures(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(3, 300), 100).await;
     env.pass(Mode::Backfill).await.unwrap();
@@ -725,7 +760,7 @@ async fn indexes_cover_the_usual_filters(backend: Backend) {
         "procedures_status",
         "procedures_owner",
         "procedure_lanes_lane",
-        "procedure_version_lanes_lane",
+        "procedure_history_lanes_lane",
     ];
     for wanted in [
         "procedures_updated_at",

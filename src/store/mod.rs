@@ -33,16 +33,18 @@ pub(crate) struct Dialect {
     pub statement_items: usize,
     /// `$1`: JSON array of ids -> `id, updated_at, content_hash, deleted_at`.
     pub existing: &'static str,
-    /// `$1`: JSON array of [`ProcRow`], `$2`: now. Upserts `procedures` and records each
-    /// written version in `procedure_history` (a new version adds a row, a rewrite of a stored
-    /// version takes the new content and clears its deletion mark). Run in order; every
-    /// statement of a list takes the same parameters.
-    pub write_procedures: &'static [&'static str],
-    /// `$1`: JSON array of ids of procedures already stored, after they were rewritten: removes
-    /// their lanes and calls, and the lanes of the version they now have.
+    /// `$1`: JSON array of [`ProcRow`], `$2`: now. Upserts `procedures`.
+    pub upsert_procedures: &'static str,
+    /// `$1`: JSON array of [`VersionRow`]: stored procedures about to take another version. Moves
+    /// their current version (row and lanes) into the history, and drops any history rows of
+    /// the versions they take (a procedure may come back at a version it had). Run in order,
+    /// before the upsert.
+    pub archive_versions: &'static [&'static str],
+    /// `$1`: JSON array of ids of procedures already stored, after they were archived: removes
+    /// their lanes and calls.
     pub delete_replaced: &'static [&'static str],
-    /// `$1`: JSON array of [`LaneRow`] -> `procedure_lanes` and `procedure_version_lanes`.
-    pub insert_lanes: &'static [&'static str],
+    /// `$1`: JSON array of [`LaneRow`].
+    pub insert_lanes: &'static str,
     /// `$1`: JSON array of [`CallRow`].
     pub insert_calls: &'static str,
     /// `$1`: JSON array of [`RejectRow`], `$2`: now -> `raw_hash, is_new`.
@@ -53,9 +55,8 @@ pub(crate) struct Dialect {
     pub begin_run: &'static str,
     /// `$1`: id, `$2`: finished_at, `$3`: outcome, `$4`..`$10`: counts, `$11`: watermark_after, `$12`: error.
     pub finish_run: &'static str,
-    /// `$1`: run id, `$2`: now. Marks live procedures the run did not see deleted and ends
-    /// their current version in `procedure_history`; run in order.
-    pub mark_deleted: &'static [&'static str],
+    /// `$1`: run id, `$2`: now. Marks live procedures the run did not see deleted.
+    pub mark_deleted: &'static str,
     /// -> `id, name, status, owner, performer, updated_at, url, raw` of live procedures.
     pub live_procedures: &'static str,
     /// `$1`: limit -> the newest `sync_runs` rows as [`RunSummary`] columns, newest first.
@@ -367,8 +368,8 @@ impl Store {
         Ok(stats)
     }
 
-    /// Writes the procedures among `items` that are new or changed, with their lanes, calls
-    /// and history. `ids`: theirs, as a JSON array.
+    /// Writes the procedures among `items` that are new or changed, with their lanes and calls;
+    /// the versions they replace go to the history. `ids`: theirs, as a JSON array.
     async fn write_procedures(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -389,6 +390,7 @@ impl Store {
         let mut rows = Vec::new();
         let mut written = Vec::new();
         let mut replaced = Vec::new();
+        let mut new_versions = Vec::new();
         for &p in items {
             let hash = content_hash(&p.raw);
             let counter = match stored.get(&p.id) {
@@ -401,7 +403,11 @@ impl Store {
                     stats.unchanged += 1;
                     continue;
                 }
-                Some(_) => {
+                Some(s) => {
+                    // The same version rewritten (or revived) stays one version.
+                    if s.updated_at != p.updated_at {
+                        new_versions.push(VersionRow::new(p));
+                    }
                     replaced.push(p.id.as_str());
                     &mut stats.updated
                 }
@@ -413,28 +419,34 @@ impl Store {
         if rows.is_empty() {
             return Ok(stats);
         }
-        let rows = json(&rows);
-        for sql in d.write_procedures {
-            sqlx::query(sql)
-                .bind(&rows)
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
+        // New procedures have nothing to archive or replace (foreign keys guarantee it), so a
+        // backfill into an empty mirror skips these lookups altogether.
+        if !new_versions.is_empty() {
+            let new_versions = json(&new_versions);
+            for sql in d.archive_versions {
+                sqlx::query(sql)
+                    .bind(&new_versions)
+                    .execute(&mut **tx)
+                    .await?;
+            }
         }
-        // New procedures have nothing to replace (foreign keys guarantee it), so a backfill
-        // into an empty mirror skips these lookups altogether.
         if !replaced.is_empty() {
             let replaced = json(&replaced);
             for sql in d.delete_replaced {
                 sqlx::query(sql).bind(&replaced).execute(&mut **tx).await?;
             }
         }
+        sqlx::query(d.upsert_procedures)
+            .bind(json(&rows))
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
         let lanes = LaneRow::all(&written);
         if !lanes.is_empty() {
-            let lanes = json(&lanes);
-            for sql in d.insert_lanes {
-                sqlx::query(sql).bind(&lanes).execute(&mut **tx).await?;
-            }
+            sqlx::query(d.insert_lanes)
+                .bind(json(&lanes))
+                .execute(&mut **tx)
+                .await?;
         }
         let calls = CallRow::all(&written);
         if !calls.is_empty() {
@@ -465,14 +477,11 @@ impl Store {
             });
         }
         if unseen > 0 {
-            let now = now_text();
-            for sql in self.dialect.mark_deleted {
-                sqlx::query(sql)
-                    .bind(run)
-                    .bind(&now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            sqlx::query(self.dialect.mark_deleted)
+                .bind(run)
+                .bind(now_text())
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query(CLEAR_SEEN).bind(run).execute(&mut *tx).await?;
         tx.commit().await?;
@@ -602,12 +611,25 @@ impl<'a> ProcRow<'a> {
     }
 }
 
-/// A lane of a written procedure, also a lane of the version it was written in: the parsed
-/// `lanes` are exactly the item's own (`raw`'s) list.
+/// The version a stored procedure takes.
+#[derive(Serialize)]
+struct VersionRow<'a> {
+    id: &'a str,
+    updated_at: String,
+}
+
+impl<'a> VersionRow<'a> {
+    fn new(p: &'a Procedure) -> Self {
+        Self {
+            id: &p.id,
+            updated_at: format_instant(p.updated_at),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct LaneRow<'a> {
     procedure_id: &'a str,
-    updated_at: String,
     position: usize,
     lane: &'a str,
 }
@@ -615,13 +637,11 @@ struct LaneRow<'a> {
 impl<'a> LaneRow<'a> {
     fn all(procs: &[&'a Procedure]) -> Vec<Self> {
         let rows = procs.iter().flat_map(|p| {
-            let updated_at = format_instant(p.updated_at);
             p.lanes
                 .iter()
                 .enumerate()
                 .map(move |(position, lane)| LaneRow {
                     procedure_id: &p.id,
-                    updated_at: updated_at.clone(),
                     position,
                     lane,
                 })

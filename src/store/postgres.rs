@@ -27,10 +27,7 @@ pub(super) static DIALECT: Dialect = Dialect {
         ", p.content_hash, p.deleted_at::text FROM procedures p \
          WHERE p.id IN (SELECT jsonb_array_elements_text($1::jsonb))"
     ),
-    // History from the rows the upsert returns: exactly those written, with `raw` already
-    // parsed once into jsonb.
-    write_procedures: &["WITH written AS (\
-        INSERT INTO procedures \
+    upsert_procedures: "INSERT INTO procedures \
         (id, name, status, owner, performer, updated_at, url, raw, content_hash, first_seen_at, synced_at, deleted_at) \
         SELECT r.id, r.name, r.status, r.owner, r.performer, r.updated_at::timestamptz, r.url, r.raw::jsonb, \
                r.content_hash, $2::timestamptz, $2::timestamptz, NULL \
@@ -40,27 +37,28 @@ pub(super) static DIALECT: Dialect = Dialect {
             owner = excluded.owner, performer = excluded.performer, updated_at = excluded.updated_at, \
             url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
             synced_at = excluded.synced_at, deleted_at = NULL \
-        WHERE procedures.deleted_at IS NOT NULL OR procedures.updated_at <= excluded.updated_at \
-        RETURNING id, updated_at, name, status, owner, performer, url, raw, synced_at) \
-    INSERT INTO procedure_history \
-        (procedure_id, updated_at, name, status, owner, performer, url, raw, recorded_at, deleted_at) \
-    SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, NULL FROM written \
-    ON CONFLICT (procedure_id, updated_at) DO UPDATE SET name = excluded.name, \
-        status = excluded.status, owner = excluded.owner, performer = excluded.performer, \
-        url = excluded.url, raw = excluded.raw, deleted_at = NULL"],
-    // All data-modifying parts of one statement see the same snapshot, which already holds the
-    // rewritten procedures rows (an earlier statement of the transaction wrote them).
+        WHERE procedures.deleted_at IS NOT NULL OR procedures.updated_at <= excluded.updated_at",
+    // The parts of one statement run on one snapshot and foreign keys are checked at its end, so
+    // the lanes may name the history rows the same statement adds. A history row's lanes go with
+    // it (ON DELETE CASCADE).
+    archive_versions: &["WITH v AS (SELECT r.id, r.updated_at::timestamptz AS updated_at \
+            FROM jsonb_to_recordset($1::jsonb) AS r(id text, updated_at text)), \
+        current_again AS (DELETE FROM procedure_history h USING v \
+            WHERE h.procedure_id = v.id AND h.updated_at = v.updated_at), \
+        lanes AS (INSERT INTO procedure_history_lanes (procedure_id, updated_at, position, lane) \
+            SELECT l.procedure_id, p.updated_at, l.position, l.lane \
+            FROM procedure_lanes l JOIN procedures p ON p.id = l.procedure_id \
+            WHERE p.id IN (SELECT id FROM v)) \
+        INSERT INTO procedure_history \
+            (procedure_id, updated_at, name, status, owner, performer, url, raw, recorded_at, deleted_at) \
+        SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, deleted_at \
+        FROM procedures WHERE id IN (SELECT id FROM v)"],
     delete_replaced: &["WITH ids AS (SELECT jsonb_array_elements_text($1::jsonb) AS id), \
-        lanes AS (DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT id FROM ids)), \
-        calls AS (DELETE FROM procedure_calls WHERE procedure_id IN (SELECT id FROM ids)) \
-        DELETE FROM procedure_version_lanes v USING procedures p \
-        WHERE p.id IN (SELECT id FROM ids) AND v.procedure_id = p.id AND v.updated_at = p.updated_at"],
-    insert_lanes: &["WITH l AS (SELECT r.procedure_id, r.updated_at::timestamptz AS updated_at, r.position, r.lane \
-            FROM jsonb_to_recordset($1::jsonb) AS r(procedure_id text, updated_at text, position int, lane text)), \
-        current AS (INSERT INTO procedure_lanes (procedure_id, position, lane) \
-            SELECT procedure_id, position, lane FROM l) \
-        INSERT INTO procedure_version_lanes (procedure_id, updated_at, position, lane) \
-        SELECT procedure_id, updated_at, position, lane FROM l"],
+        lanes AS (DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT id FROM ids)) \
+        DELETE FROM procedure_calls WHERE procedure_id IN (SELECT id FROM ids)"],
+    insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \
+        SELECT r.procedure_id, r.position, r.lane \
+        FROM jsonb_to_recordset($1::jsonb) AS r(procedure_id text, position int, lane text)",
     insert_calls: "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
         SELECT r.procedure_id, r.relation, r.position, r.related_name \
         FROM jsonb_to_recordset($1::jsonb) AS r(procedure_id text, relation text, position int, related_name text)",
@@ -76,12 +74,8 @@ pub(super) static DIALECT: Dialect = Dialect {
     finish_run: "UPDATE sync_runs SET finished_at = $2::timestamptz, outcome = $3, pages = $4, fetched = $5, \
         inserted = $6, updated = $7, unchanged = $8, deleted = $9, rejected = $10, \
         watermark_after = $11, error = $12 WHERE id = $1",
-    mark_deleted: &["WITH gone AS (\
-        UPDATE procedures SET deleted_at = $2::timestamptz WHERE deleted_at IS NULL \
-        AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = procedures.id) \
-        RETURNING id, updated_at, deleted_at) \
-    UPDATE procedure_history h SET deleted_at = gone.deleted_at FROM gone \
-    WHERE h.procedure_id = gone.id AND h.updated_at = gone.updated_at"],
+    mark_deleted: "UPDATE procedures SET deleted_at = $2::timestamptz WHERE deleted_at IS NULL \
+        AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = procedures.id)",
     live_procedures: concat!(
         "SELECT id, name, status, owner, performer, ",
         rfc3339!("updated_at"),

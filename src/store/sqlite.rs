@@ -37,11 +37,7 @@ pub(super) static DIALECT: Dialect = Dialect {
     existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
         WHERE p.id IN (SELECT value FROM json_each($1))",
     // `WHERE true` resolves SQLite's parsing ambiguity between a SELECT's join and ON CONFLICT.
-    // The history rows come from the same array as the procedures rows: the store writes only
-    // rows the upsert takes (it read them in this transaction, and SQLite refuses the write if
-    // another connection wrote since), so these are exactly the rows written.
-    write_procedures: &[
-        "INSERT INTO procedures \
+    upsert_procedures: "INSERT INTO procedures \
         (id, name, status, owner, performer, updated_at, url, raw, content_hash, first_seen_at, synced_at, deleted_at) \
         SELECT value->>'id', value->>'name', value->>'status', value->>'owner', value->>'performer', \
                value->>'updated_at', value->>'url', value->>'raw', value->>'content_hash', $2, $2, NULL \
@@ -51,28 +47,25 @@ pub(super) static DIALECT: Dialect = Dialect {
             url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
             synced_at = excluded.synced_at, deleted_at = NULL \
         WHERE procedures.deleted_at IS NOT NULL OR procedures.updated_at <= excluded.updated_at",
+    // The history row's lanes go with it (ON DELETE CASCADE; sqlx turns foreign keys on).
+    archive_versions: &[
+        "DELETE FROM procedure_history WHERE (procedure_id, updated_at) IN \
+            (SELECT value->>'id', value->>'updated_at' FROM json_each($1))",
         "INSERT INTO procedure_history \
         (procedure_id, updated_at, name, status, owner, performer, url, raw, recorded_at, deleted_at) \
-        SELECT value->>'id', value->>'updated_at', value->>'name', value->>'status', value->>'owner', \
-               value->>'performer', value->>'url', value->>'raw', $2, NULL \
-        FROM json_each($1) WHERE true \
-        ON CONFLICT (procedure_id, updated_at) DO UPDATE SET name = excluded.name, \
-            status = excluded.status, owner = excluded.owner, performer = excluded.performer, \
-            url = excluded.url, raw = excluded.raw, deleted_at = NULL",
+        SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, deleted_at \
+        FROM procedures WHERE id IN (SELECT value->>'id' FROM json_each($1))",
+        "INSERT INTO procedure_history_lanes (procedure_id, updated_at, position, lane) \
+        SELECT l.procedure_id, p.updated_at, l.position, l.lane \
+        FROM procedure_lanes l JOIN procedures p ON p.id = l.procedure_id \
+        WHERE p.id IN (SELECT value->>'id' FROM json_each($1))",
     ],
     delete_replaced: &[
         "DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT value FROM json_each($1))",
         "DELETE FROM procedure_calls WHERE procedure_id IN (SELECT value FROM json_each($1))",
-        "DELETE FROM procedure_version_lanes WHERE (procedure_id, updated_at) IN \
-            (SELECT id, updated_at FROM procedures WHERE id IN (SELECT value FROM json_each($1)))",
     ],
-    insert_lanes: &[
-        "INSERT INTO procedure_lanes (procedure_id, position, lane) \
+    insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \
         SELECT value->>'procedure_id', value->>'position', value->>'lane' FROM json_each($1)",
-        "INSERT INTO procedure_version_lanes (procedure_id, updated_at, position, lane) \
-        SELECT value->>'procedure_id', value->>'updated_at', value->>'position', value->>'lane' \
-        FROM json_each($1)",
-    ],
     insert_calls: "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
         SELECT value->>'procedure_id', value->>'relation', value->>'position', value->>'related_name' \
         FROM json_each($1)",
@@ -87,14 +80,8 @@ pub(super) static DIALECT: Dialect = Dialect {
     finish_run: "UPDATE sync_runs SET finished_at = $2, outcome = $3, pages = $4, fetched = $5, \
         inserted = $6, updated = $7, unchanged = $8, deleted = $9, rejected = $10, \
         watermark_after = $11, error = $12 WHERE id = $1",
-    // The versions first, while the procedures to mark are still the live ones.
-    mark_deleted: &[
-        "UPDATE procedure_history AS h SET deleted_at = $2 FROM procedures p \
-        WHERE p.id = h.procedure_id AND p.updated_at = h.updated_at AND p.deleted_at IS NULL \
-        AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = p.id)",
-        "UPDATE procedures SET deleted_at = $2 WHERE deleted_at IS NULL \
+    mark_deleted: "UPDATE procedures SET deleted_at = $2 WHERE deleted_at IS NULL \
         AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.run_id = $1 AND s.procedure_id = procedures.id)",
-    ],
     live_procedures: "SELECT id, name, status, owner, performer, updated_at, url, raw \
         FROM procedures WHERE deleted_at IS NULL",
     recent_runs: "SELECT id, started_at, finished_at, mode, outcome, pages, fetched, inserted, updated, \

@@ -424,6 +424,14 @@ pub async fn private_cluster() -> PrivateCluster {
         "initdb failed for a private cluster; last lines of its log:\n{}",
         private.log_tail()
     );
+    // These tests kill the server (`stop -m immediate`) as a host that dies. Commits must
+    // survive that, as on a real server: with asynchronous commit the last ones (a migration,
+    // say) were lost with the outage.
+    OpenOptions::new()
+        .append(true)
+        .open(private.cluster.data().join("postgresql.conf"))
+        .and_then(|mut conf| conf.write_all(b"synchronous_commit = on\n"))
+        .expect("the private cluster's postgresql.conf is writable");
     private.start().await;
     private
 }
