@@ -727,11 +727,9 @@ fn latest_per_id(items: &[Procedure]) -> Vec<&Procedure> {
     out
 }
 
+/// Lowercase hex SHA-256, formatted in one pass (a `format!` per byte cost more than hashing).
 fn content_hash(raw: &str) -> String {
-    Sha256::digest(raw.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    format!("{:x}", Sha256::digest(raw.as_bytes()))
 }
 
 fn json<T: Serialize + ?Sized>(value: &T) -> String {
@@ -788,6 +786,15 @@ mod tests {
             "postgres://u:***@h:5/db"
         );
         assert_eq!(redact_url("sqlite://klarify.db"), "sqlite://klarify.db");
+    }
+
+    /// Stored hashes must keep their form, or every row would look changed after an upgrade.
+    #[test]
+    fn content_hashes_are_lowercase_hex_sha256() {
+        assert_eq!(
+            content_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
