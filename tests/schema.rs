@@ -24,6 +24,7 @@ on_both_backends!(
     a_deleted_procedure_may_come_back_at_a_version_it_had,
     call_edges_resolve_names_among_live_procedures,
     an_existing_mirror_starts_its_history_with_what_it_holds,
+    a_mirror_keeps_its_versions_when_the_history_moves_to_past_ones,
     indexes_cover_the_usual_filters,
 );
 
@@ -681,23 +682,7 @@ async fn call_edges_resolve_names_among_live_procedures(backend: Backend) {
 /// keeps its rows and gets them as the first versions.
 async fn an_existing_mirror_starts_its_history_with_what_it_holds(backend: Backend) {
     let (url, _dir) = common::database(backend).await;
-    let (dir, create) = match backend {
-        Backend::Sqlite => ("migrations/sqlite", "?mode=rwc"),
-        Backend::Postgres => ("migrations/postgres", ""),
-    };
-    let mut first = sqlx::migrate::Migrator::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))
-        .await
-        .unwrap();
-    first.migrations = Cow::Owned(
-        first
-            .migrations
-            .iter()
-            .filter(|m| m.version == 1)
-            .cloned()
-            .collect(),
-    );
-    let pool = any_pool(&format!("{}{create}", url.expose_secret()).into()).await;
-    first.run(&pool).await.unwrap();
+    let pool = migrated_before(backend, &url, 2).await;
     let now = "'2025-06-01T00:00:00.000000Z'";
     for statement in [
         format!("INSERT INTO procedures (id, name, status, owner, performer, updated_at, url, raw, \
@@ -741,6 +726,92 @@ async fn an_existing_mirror_starts_its_history_with_what_it_holds(backend: Backe
     );
     assert_eq!(count_at(&url, "SELECT COUNT(*) FROM procedure_version_lanes l JOIN procedures p \
                          ON p.id = l.procedure_id AND p.updated_at = l.updated_at WHERE l.lane = 'B' AND l.position = 1").await, 1);
+}
+
+/// A mirror whose history held every version, the current ones too (before sqlite 0004 and
+/// postgres 0006), keeps the same versions and lanes in the views, each version once.
+async fn a_mirror_keeps_its_versions_when_the_history_moves_to_past_ones(backend: Backend) {
+    let (url, _dir) = common::database(backend).await;
+    let past_only = match backend {
+        Backend::Sqlite => 4,
+        Backend::Postgres => 6,
+    };
+    let pool = migrated_before(backend, &url, past_only).await;
+    let (then, now) = (
+        "'2025-01-01T00:00:00.000000Z'",
+        "'2025-03-01T00:00:00.000000Z'",
+    );
+    for statement in [
+        format!("INSERT INTO procedures (id, name, status, owner, performer, updated_at, url, raw, \
+                 content_hash, first_seen_at, synced_at, deleted_at) VALUES \
+                 ('1', 'Now', NULL, NULL, NULL, {now}, NULL, '{{\"id\":\"1\",\"lanes\":[\"B\"]}}', 'h2', \
+                  {then}, {now}, NULL)"),
+        "INSERT INTO procedure_lanes (procedure_id, position, lane) VALUES ('1', 0, 'B')".into(),
+        format!("INSERT INTO procedure_history (procedure_id, updated_at, name, status, owner, \
+                 performer, url, raw, recorded_at, deleted_at) VALUES \
+                 ('1', {then}, 'Then', NULL, NULL, NULL, NULL, '{{\"id\":\"1\",\"lanes\":[\"A\"]}}', {then}, NULL), \
+                 ('1', {now}, 'Now', NULL, NULL, NULL, NULL, '{{\"id\":\"1\",\"lanes\":[\"B\"]}}', {now}, NULL)"),
+        format!("INSERT INTO procedure_version_lanes (procedure_id, updated_at, position, lane) \
+                 VALUES ('1', {then}, 0, 'A'), ('1', {now}, 0, 'B')"),
+    ] {
+        sqlx::query(&statement).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+
+    Store::open(&url, 2).await.unwrap().close().await;
+    assert_eq!(
+        count_at(&url, "SELECT COUNT(*) FROM procedure_history").await,
+        1
+    );
+    assert_eq!(
+        count_at(&url, "SELECT COUNT(*) FROM procedure_versions").await,
+        2
+    );
+    let version = |n: u32, name: &str, valid_to: &str| {
+        format!(
+            "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '1' AND version = {n} \
+             AND name = '{name}' AND valid_to {valid_to}"
+        )
+    };
+    assert_eq!(
+        count_at(&url, &version(1, "Then", &format!("= {now}"))).await,
+        1
+    );
+    assert_eq!(count_at(&url, &version(2, "Now", "IS NULL")).await, 1);
+    assert_eq!(
+        count_at(&url, "SELECT COUNT(*) FROM procedure_version_lanes").await,
+        2
+    );
+    let lane = |at: &str, lane: &str| {
+        format!(
+            "SELECT COUNT(*) FROM procedure_version_lanes WHERE procedure_id = '1' \
+             AND updated_at = {at} AND position = 0 AND lane = '{lane}'"
+        )
+    };
+    assert_eq!(count_at(&url, &lane(then, "A")).await, 1);
+    assert_eq!(count_at(&url, &lane(now, "B")).await, 1);
+}
+
+/// A pool on `url` with the backend's migrations older than `version` applied.
+async fn migrated_before(backend: Backend, url: &SecretString, version: i64) -> sqlx::AnyPool {
+    let (dir, create) = match backend {
+        Backend::Sqlite => ("migrations/sqlite", "?mode=rwc"),
+        Backend::Postgres => ("migrations/postgres", ""),
+    };
+    let mut older = sqlx::migrate::Migrator::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))
+        .await
+        .unwrap();
+    older.migrations = Cow::Owned(
+        older
+            .migrations
+            .iter()
+            .filter(|m| m.version < version)
+            .cloned()
+            .collect(),
+    );
+    let pool = any_pool(&format!("{}{create}", url.expose_secret()).into()).await;
+    older.run(&pool).await.unwrap();
+    pool
 }
 
 async fn indexes_cover_the_usual_filters(backend: Backend) {
