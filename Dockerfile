@@ -13,8 +13,9 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 WORKDIR /build
 # Only what the build reads (.dockerignore keeps the rest out): the manifests, the sources,
-# the migrations (embedded by sqlx::migrate!) and config/default.toml (embedded by include_str!).
-COPY Cargo.toml Cargo.lock ./
+# the migrations (embedded by sqlx::migrate!; build.rs rebuilds when they change) and
+# config/default.toml (embedded by include_str!).
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY migrations ./migrations
 COPY config ./config
 COPY src ./src

@@ -855,6 +855,21 @@ async fn indexes_cover_the_usual_filters(backend: Backend) {
     }
 }
 
+/// The backfill's bookkeeping of served ids writes no WAL (nor anything to replicas).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keeps_the_served_ids_unlogged() {
+    let url: SecretString = common::pg::fresh_database().await.into();
+    Store::open(&url, 2).await.unwrap().close().await;
+    let pool = any_pool(&url).await;
+    let (persistence,): (String,) =
+        sqlx::query_as("SELECT relpersistence::text FROM pg_class WHERE relname = 'sync_seen'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert_eq!(persistence, "u");
+}
+
 /// Every table, view and column carries its documentation, for BI tools that show it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_comments_every_table_view_and_column() {
