@@ -577,7 +577,13 @@ async fn deletion_ends_a_version_and_revival_continues(backend: Backend) {
 async fn a_deleted_procedure_may_come_back_at_a_version_it_had(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(24, 10), 50).await;
     env.pass(Mode::Backfill).await.unwrap();
-    let first = env.fake.snapshot()[4].clone();
+    // One with lanes, so that lanes left behind by its history row would show.
+    let first = env
+        .fake
+        .snapshot()
+        .into_iter()
+        .find(|p| p["lanes"].as_array().is_some_and(|l| !l.is_empty()))
+        .unwrap();
     let id = first["id"].as_str().unwrap().to_owned();
     let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let later = later
@@ -595,7 +601,7 @@ async fn a_deleted_procedure_may_come_back_at_a_version_it_had(backend: Backend)
     let versions = format!("SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{id}'");
     assert_eq!(count(&env, &versions).await, 2);
     let lanes = format!("SELECT COUNT(*) FROM procedure_version_lanes WHERE procedure_id = '{id}'");
-    let first_lanes = first["lanes"].as_array().map_or(0, Vec::len) as i64;
+    let first_lanes = first["lanes"].as_array().unwrap().len() as i64;
     assert_eq!(count(&env, &lanes).await, first_lanes + 2);
     // The second version, ended when it was found gone, is the one in the history.
     let ended = format!(
