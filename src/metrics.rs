@@ -67,6 +67,11 @@ fn describe() {
         Unit::Seconds,
         "Time to commit one page to the database."
     );
+    describe_histogram!(
+        "klarify_sync_db_statement_duration_seconds",
+        Unit::Seconds,
+        "Time of each part of a batch write, by statement: existing, archive_versions, delete_replaced, upsert_procedures, insert_lanes, insert_calls, insert_seen, upsert_rejected, set_watermark, commit."
+    );
     describe_counter!(
         "klarify_api_requests_total",
         "Requests to the Klarify API by HTTP status (or timeout, unreachable, bad_body)."

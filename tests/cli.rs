@@ -304,6 +304,12 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         metrics.contains(r#"klarify_sync_procedures_total{change="inserted"} 120"#),
         "{metrics}"
     );
+    for statement in ["existing", "upsert_procedures", "insert_lanes", "commit"] {
+        let count = format!(
+            r#"klarify_sync_db_statement_duration_seconds_count{{statement="{statement}"}} "#
+        );
+        assert!(metrics.contains(&count), "no {count}in {metrics}");
+    }
     assert!(!metrics.contains(KEY));
     // .ci/run checks the exposition format with `promtool check metrics`.
     std::fs::write(
