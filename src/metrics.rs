@@ -70,7 +70,7 @@ fn describe() {
     describe_histogram!(
         "klarify_sync_db_statement_duration_seconds",
         Unit::Seconds,
-        "Time of each part of a batch write, by statement: existing, archive_versions, delete_replaced, upsert_procedures, insert_lanes, insert_calls, insert_seen, upsert_rejected, set_watermark, commit."
+        "Time of each part of a batch write (its statements and the commit), by statement."
     );
     describe_counter!(
         "klarify_api_requests_total",

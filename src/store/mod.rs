@@ -2,7 +2,7 @@
 //!
 //! The flow of every operation is shared; only SQL text and connection set-up differ, so each
 //! backend module is a [`Dialect`]: its migrations, its statements and how to open it. Pages are
-//! passed to the database as one JSON array per statement (`json_each` / `jsonb_to_recordset`),
+//! passed to the database as one JSON array per statement (`json_each` / `json_to_recordset`),
 //! so writing a page costs a handful of set-based statements whatever its size.
 
 mod lock;

@@ -16,13 +16,13 @@ pub(super) static DIALECT: Dialect = Dialect {
     // lose the last commits, each of which carries its own watermark, so the mirror stays
     // consistent and the next pass re-reads what was lost.
     //
-    // A batch dirties thousands of pages (random ids land all over eight primary and secondary
-    // keys), more than the default checkpoint threshold of 1,000 pages: every commit then paid a
+    // A batch dirties thousands of pages (random ids and names land all over the indexes keyed
+    // by them), more than the default checkpoint threshold of 1,000 pages: every commit then paid a
     // checkpoint with two fsyncs. With 20,000 pages (80 MiB of WAL) a checkpoint follows every
     // few batches and copies each page once for all of them.
     //
-    // Every pool connection has its own page cache of `cache_size`, and the pool hands out its
-    // idle connections in turn, so without a bound the caches add up to max_connections × 8 MiB.
+    // Every connection (the writer's and each of the read pool's, handed out in turn) has its own
+    // page cache of `cache_size`, so without a bound the caches add up to connections × 8 MiB.
     // `soft_heap_limit` is process-wide: past it SQLite frees the least recently used unpinned
     // pages of any connection (the bundled build shares one page LRU across connections and
     // enables memory management) instead of growing, so all caches together stay near 16 MiB.

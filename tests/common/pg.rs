@@ -273,12 +273,15 @@ impl Cluster {
         let mut initdb = self.command("initdb");
         initdb.args(["-U", "postgres", "-A", "trust", "-E", "UTF8"]);
         initdb.args(["--no-locale", "--no-sync"]);
-        succeeded(initdb).await
-            && OpenOptions::new()
-                .append(true)
-                .open(self.data().join("postgresql.conf"))
-                .and_then(|mut conf| conf.write_all(SETTINGS.as_bytes()))
-                .is_ok()
+        succeeded(initdb).await && self.configure(SETTINGS).is_ok()
+    }
+
+    /// Appends to `postgresql.conf`: later lines win, so settings may be overridden.
+    fn configure(&self, settings: &str) -> std::io::Result<()> {
+        OpenOptions::new()
+            .append(true)
+            .open(self.data().join("postgresql.conf"))
+            .and_then(|mut conf| conf.write_all(settings.as_bytes()))
     }
 
     /// Starts the server on a free port and records the port.
@@ -427,10 +430,9 @@ pub async fn private_cluster() -> PrivateCluster {
     // These tests kill the server (`stop -m immediate`) as a host that dies. Commits must
     // survive that, as on a real server: with asynchronous commit the last ones (a migration,
     // say) were lost with the outage.
-    OpenOptions::new()
-        .append(true)
-        .open(private.cluster.data().join("postgresql.conf"))
-        .and_then(|mut conf| conf.write_all(b"synchronous_commit = on\n"))
+    private
+        .cluster
+        .configure("synchronous_commit = on\n")
         .expect("the private cluster's postgresql.conf is writable");
     private.start().await;
     private
