@@ -203,6 +203,9 @@ impl Mirror {
             .scalar("SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL")
             .await;
         assert_eq!(live as usize, source.len(), "{context}: live procedures");
+        // A bulk load killed before its end dropped indexes; a completed pass builds them.
+        let deferred = self.scalar("SELECT COUNT(*) FROM deferred_schema").await;
+        assert_eq!(deferred, 0, "{context}: indexes still deferred");
     }
 }
 

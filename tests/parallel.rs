@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_watermark_not_ahead, Backend, Env};
-use klarify_sync::fake::{Churn, Fault, Organisation};
+use klarify_sync::fake::{Churn, Organisation};
 use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::sync::{Mode, SyncError};
 
@@ -96,16 +96,7 @@ async fn churn_and_bulk_edits_during_a_parallel_pass_lose_nothing(backend: Backe
 
 async fn a_failing_range_keeps_the_watermark_before_it(backend: Backend) {
     let env = large_env(backend, 62, 8).await;
-    // Past the plan and the first pages of every range, one request fails all its attempts
-    // while the others go on: later ranges are written, the front one is not finished.
-    env.fake.inject(Fault::Hang(Duration::ZERO), 40);
-    env.fake.inject(
-        Fault::Status {
-            status: 503,
-            retry_after_secs: None,
-        },
-        4 * 8,
-    );
+    common::fail_one_range_mid_pass(&env.fake);
     env.pass(Mode::Backfill).await.unwrap_err();
     env.fake.clear_faults();
     let (mirror, source) = (env.mirror().await, env.source());

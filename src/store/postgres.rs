@@ -90,4 +90,22 @@ pub(super) static DIALECT: Dialect = Dialect {
         " AS finished_at, mode, outcome, pages, fetched, inserted, updated, unchanged, deleted, \
          rejected, watermark_after, error FROM sync_runs ORDER BY id DESC LIMIT $1"
     ),
+    // Also the foreign keys of lanes and calls: each row's check is a locking lookup of its
+    // procedure, while adding the constraint back checks all rows in one join. (SQLite cannot
+    // drop a foreign key, and its checks cost next to nothing.) The history's stay: deleting a
+    // history row relies on their cascade.
+    deferrable: "SELECT i.relname::text, format('DROP INDEX %I.%I', n.nspname, i.relname), \
+            pg_get_indexdef(x.indexrelid) \
+        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
+        JOIN pg_namespace n ON n.oid = t.relnamespace \
+        WHERE n.nspname = current_schema() AND NOT x.indisunique \
+          AND t.relname IN ('procedures', 'procedure_lanes', 'procedure_calls') \
+        UNION ALL \
+        SELECT c.conname::text, format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname), \
+            format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname, \
+                   pg_get_constraintdef(c.oid)) \
+        FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
+        JOIN pg_namespace n ON n.oid = t.relnamespace \
+        WHERE c.contype = 'f' AND n.nspname = current_schema() \
+          AND t.relname IN ('procedure_lanes', 'procedure_calls')",
 };

@@ -86,6 +86,11 @@ pub(super) static DIALECT: Dialect = Dialect {
         FROM procedures WHERE deleted_at IS NULL",
     recent_runs: "SELECT id, started_at, finished_at, mode, outcome, pages, fetched, inserted, updated, \
         unchanged, deleted, rejected, watermark_after, error FROM sync_runs ORDER BY id DESC LIMIT $1",
+    // Primary keys and unique constraints have autoindexes, whose `sql` is null.
+    deferrable: "SELECT m.name, printf('DROP INDEX \"%w\"', m.name), m.sql FROM sqlite_master m \
+        JOIN pragma_index_list(m.tbl_name) i ON i.name = m.name \
+        WHERE m.type = 'index' AND m.sql IS NOT NULL AND NOT i.\"unique\" \
+          AND m.tbl_name IN ('procedures', 'procedure_lanes', 'procedure_calls')",
 };
 
 /// Creates the file when missing and switches it to WAL once (the mode is stored in the file),

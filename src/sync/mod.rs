@@ -82,6 +82,8 @@ pub struct PassReport {
     pub watermark_before: Option<OffsetDateTime>,
     pub watermark_after: Option<OffsetDateTime>,
     pub duration: Duration,
+    /// Into an empty mirror, whose indexes were built once at the end.
+    pub bulk_load: bool,
 }
 
 /// Runs one pass and records it in `sync_runs`.
@@ -151,6 +153,12 @@ async fn locked_pass(
     progress: &Progress,
     started: Instant,
 ) -> Result<PassReport, SyncError> {
+    // What a bulk load killed before its end left out comes first: the pass may not be one.
+    store.restore_deferred().await?;
+    let bulk = store.defer_for_bulk_load().await?;
+    if bulk {
+        tracing::info!("the mirror is empty: its indexes are built once, when this pass ends");
+    }
     let watermark = store.watermark().await?;
     let run = store.begin_run(mode.as_str(), watermark).await?;
     tracing::Span::current().record("run", run);
@@ -162,7 +170,9 @@ async fn locked_pass(
     let mut pass = Pass {
         store,
         run,
-        mode,
+        // Deletions are what was stored before the pass and not served in it; after a bulk
+        // load there is no such procedure.
+        track_seen: mode == Mode::Backfill && !bulk,
         stored: watermark,
         stats: WriteStats::default(),
         frontier: Frontier::new(&[start]),
@@ -170,8 +180,13 @@ async fn locked_pass(
         writing: None,
     };
     let outcome = pass.run(&reader, start).await;
-    let deleted = match (&outcome, mode) {
-        (Ok(()), Mode::Backfill) => {
+    // Also after a failure: BI users query what was committed, and the next pass is no bulk load.
+    let outcome = match bulk {
+        true => outcome.and(store.restore_deferred().await.map(drop).map_err(Into::into)),
+        false => outcome,
+    };
+    let deleted = match (&outcome, pass.track_seen) {
+        (Ok(()), true) => {
             store
                 .mark_unseen_deleted(run, options.max_delete_share)
                 .await
@@ -209,6 +224,7 @@ async fn locked_pass(
         watermark_before: watermark,
         watermark_after: record.watermark_after,
         duration: started.elapsed(),
+        bulk_load: bulk,
     })
 }
 
@@ -217,7 +233,8 @@ async fn locked_pass(
 struct Pass<'a> {
     store: &'a Store,
     run: RunId,
-    mode: Mode,
+    /// Record the ids served, for deletion detection.
+    track_seen: bool,
     /// The watermark as committed; it only ever moves forward.
     stored: Option<OffsetDateTime>,
     stats: WriteStats,
@@ -307,7 +324,7 @@ impl Pass<'_> {
         if pending.items.is_empty() && pending.rejected.is_empty() && forward.is_none() {
             return Ok(());
         }
-        let (store, run, track_seen) = (self.store.clone(), self.run, self.mode == Mode::Backfill);
+        let (store, run, track_seen) = (self.store.clone(), self.run, self.track_seen);
         self.writing = Some(tokio::spawn(async move {
             let page = PageWrite {
                 run,
@@ -350,6 +367,7 @@ impl PassReport {
             deleted = self.deleted,
             rejected = self.rejected,
             watermark = self.watermark_after.map(crate::klarify::format_instant),
+            bulk_load = self.bulk_load,
             "sync pass succeeded"
         );
     }

@@ -8,7 +8,7 @@ pub mod pg;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use klarify_sync::fake::{FakeKlarify, FakeOptions, Organisation};
+use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::{format_instant, parse_item, ClientSettings, KlarifyClient, Procedure};
 use klarify_sync::store::Store;
 use klarify_sync::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};
@@ -248,4 +248,18 @@ pub fn seed(default: u64) -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// Past the plan and the first pages of every range, one request fails all its attempts (of the
+/// test client's 4, with 8 readers) while the others go on: a parallel pass then fails with later
+/// ranges written and the front one not finished. Call `clear_faults` after the pass.
+pub fn fail_one_range_mid_pass(fake: &FakeKlarify) {
+    fake.inject(Fault::Hang(Duration::ZERO), 40);
+    fake.inject(
+        Fault::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+        4 * 8,
+    );
 }
