@@ -37,11 +37,12 @@ pub(super) static DIALECT: Dialect = Dialect {
     existing: "SELECT p.id, p.updated_at, p.content_hash, p.deleted_at FROM procedures p \
         WHERE p.id IN (SELECT value FROM json_each($1))",
     // `WHERE true` resolves SQLite's parsing ambiguity between a SELECT's join and ON CONFLICT.
-    upsert_procedures: "INSERT INTO procedures \
+    upsert_procedures: "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each($1)) \
+        INSERT INTO procedures \
         (id, name, status, owner, performer, updated_at, url, raw, content_hash, first_seen_at, synced_at, deleted_at) \
-        SELECT value->>'id', value->>'name', value->>'status', value->>'owner', value->>'performer', \
-               value->>'updated_at', value->>'url', value->>'raw', value->>'content_hash', $2, $2, NULL \
-        FROM json_each($1) WHERE true \
+        SELECT v->>'id', v->>'name', v->>'status', v->>'owner', v->>'performer', \
+               v->>'updated_at', v->>'url', v->>'raw', v->>'content_hash', $2, $2, NULL \
+        FROM r WHERE true \
         ON CONFLICT (id) DO UPDATE SET name = excluded.name, status = excluded.status, \
             owner = excluded.owner, performer = excluded.performer, updated_at = excluded.updated_at, \
             url = excluded.url, raw = excluded.raw, content_hash = excluded.content_hash, \
@@ -64,11 +65,12 @@ pub(super) static DIALECT: Dialect = Dialect {
         "DELETE FROM procedure_lanes WHERE procedure_id IN (SELECT value FROM json_each($1))",
         "DELETE FROM procedure_calls WHERE procedure_id IN (SELECT value FROM json_each($1))",
     ],
-    insert_lanes: "INSERT INTO procedure_lanes (procedure_id, position, lane) \
-        SELECT value->>'procedure_id', value->>'position', value->>'lane' FROM json_each($1)",
-    insert_calls: "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
-        SELECT value->>'procedure_id', value->>'relation', value->>'position', value->>'related_name' \
-        FROM json_each($1)",
+    insert_lanes: "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each($1)) \
+        INSERT INTO procedure_lanes (procedure_id, position, lane) \
+        SELECT v->>'procedure_id', v->>'position', v->>'lane' FROM r",
+    insert_calls: "WITH r(v) AS MATERIALIZED (SELECT value FROM json_each($1)) \
+        INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
+        SELECT v->>'procedure_id', v->>'relation', v->>'position', v->>'related_name' FROM r",
     upsert_rejected: "INSERT INTO rejected_items (raw_hash, raw, reason, first_seen_at, seen_at) \
         SELECT value->>'raw_hash', value->>'raw', value->>'reason', $2, $2 FROM json_each($1) WHERE true \
         ON CONFLICT (raw_hash) DO UPDATE SET seen_at = excluded.seen_at, reason = excluded.reason \
