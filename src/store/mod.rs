@@ -13,6 +13,7 @@ pub use lock::{LockGuard, LockKind};
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 use time::OffsetDateTime;
+use tokio::task::JoinHandle;
 
 use crate::config::{database_kind, DatabaseKind};
 use crate::klarify::{format_instant, parse_instant, Procedure, Rejected};
@@ -31,6 +33,9 @@ pub(crate) struct Dialect {
     pub migrator: sqlx::migrate::Migrator,
     /// Run on every new connection.
     pub session_setup: Option<&'static str>,
+    /// Run on a read connection after each commit, while the writer goes on (SQLite: copying
+    /// the WAL into the database, with its fsyncs, off the writer's path).
+    pub checkpoint: Option<&'static str>,
     /// Procedures per statement within a batch's transaction.
     pub statement_items: usize,
     /// `$1`: JSON array of ids -> `id, updated_at, content_hash, deleted_at`.
@@ -209,6 +214,8 @@ pub struct Store {
     writer: AnyPool,
     dialect: &'static Dialect,
     locking: lock::Locking,
+    /// The last [`Dialect::checkpoint`] started; commits while it runs start none.
+    checkpoint: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -270,6 +277,7 @@ impl Store {
             writer,
             dialect,
             locking,
+            checkpoint: Arc::default(),
         })
     }
 
@@ -383,7 +391,28 @@ impl Store {
         }
         timed("commit", tx.commit()).await?;
         metrics::histogram!("klarify_sync_db_write_duration_seconds").record(started.elapsed());
+        self.checkpoint_in_background();
         Ok(stats)
+    }
+
+    fn checkpoint_in_background(&self) {
+        let Some(sql) = self.dialect.checkpoint else {
+            return;
+        };
+        let mut running = self
+            .checkpoint
+            .lock()
+            .expect("never poisoned: no panics inside");
+        if running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        let pool = self.pool.clone();
+        *running = Some(tokio::spawn(async move {
+            // A failed checkpoint loses nothing: the pages stay in the WAL for the next one.
+            if let Err(e) = timed("checkpoint", pool.execute(sql)).await {
+                tracing::debug!(error = %e, "background checkpoint failed");
+            }
+        }));
     }
 
     /// Writes the procedures among `items` that are new or changed, with their lanes and calls;
@@ -618,6 +647,10 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        let checkpoint = self.checkpoint.lock().expect("never poisoned").take();
+        if let Some(checkpoint) = checkpoint {
+            let _ = checkpoint.await;
+        }
         self.writer.close().await;
         self.pool.close().await;
     }

@@ -19,6 +19,7 @@ pub(super) static DIALECT: Dialect = Dialect {
     name: "postgres",
     migrator: sqlx::migrate!("migrations/postgres"),
     session_setup: None,
+    checkpoint: None,
     // The server's work does not depend on it; klarify-sync's memory does: a statement's JSON
     // parameter is about a megabyte per 1,000 procedures.
     statement_items: 1000,
