@@ -6,7 +6,7 @@ mod common;
 
 use common::{Backend, Env};
 use klarify_sync::fake::Organisation;
-use klarify_sync::store::{Batch, PageWrite, Store};
+use klarify_sync::store::{PageWrite, Store};
 use klarify_sync::sync::{run_pass, Mode};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
@@ -147,7 +147,7 @@ async fn the_next_pass_builds_what_a_killed_bulk_load_left_out(backend: Backend)
     let run = env.store.begin_run("backfill", None).await.unwrap();
     let batch = PageWrite {
         run,
-        items: &Batch::new(first_half.clone()),
+        items: &first_half,
         rejected: &[],
         watermark: first_half.last().map(|p| p.updated_at),
         track_seen: false,

@@ -5,7 +5,7 @@ mod common;
 
 use common::{Backend, Env};
 use klarify_sync::fake::Organisation;
-use klarify_sync::store::{Batch, PageWrite};
+use klarify_sync::store::PageWrite;
 use secrecy::ExposeSecret;
 
 /// `mxFrame` (frames in the WAL) and `nBackfill` (frames copied into the database) from the
@@ -32,7 +32,7 @@ async fn a_commit_is_checkpointed_beside_the_writer() {
     let run = env.store.begin_run("backfill", None).await.unwrap();
     let batch = PageWrite {
         run,
-        items: &Batch::new(items.clone()),
+        items: &items,
         rejected: &[],
         watermark: items.iter().map(|p| p.updated_at).max(),
         track_seen: false,

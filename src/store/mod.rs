@@ -130,11 +130,11 @@ pub enum StoreError {
 /// Identifies one row of `sync_runs`.
 pub type RunId = i64;
 
-/// A batch ready to be committed, with the cursor it moves to.
+/// A page ready to be committed, with the cursor it moves to.
 #[derive(Debug)]
 pub struct PageWrite<'a> {
     pub run: RunId,
-    pub items: &'a Batch,
+    pub items: &'a [Procedure],
     pub rejected: &'a [Rejected],
     /// The new stored watermark, committed with the items or not at all.
     pub watermark: Option<OffsetDateTime>,
@@ -355,11 +355,12 @@ impl Store {
         let started = Instant::now();
         let d = self.dialect;
         let now = now_text();
+        let items = latest_per_id(page.items);
 
         let mut tx = self.writer.begin().await?;
         let mut stats = WriteStats::default();
-        for chunk in page.items.items.chunks(d.statement_items) {
-            let ids = json(&chunk.iter().map(|p| p.item.id.as_str()).collect::<Vec<_>>());
+        for chunk in items.chunks(d.statement_items) {
+            let ids = json(&chunk.iter().map(|p| p.id.as_str()).collect::<Vec<_>>());
             stats += self.write_procedures(&mut tx, chunk, &ids, &now).await?;
             if page.track_seen {
                 let seen = sqlx::query(d.insert_seen).bind(page.run).bind(&ids);
@@ -419,7 +420,7 @@ impl Store {
     async fn write_procedures(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        items: &[Prepared],
+        items: &[&Procedure],
         ids: &str,
         now: &str,
     ) -> Result<WriteStats, StoreError> {
@@ -432,18 +433,18 @@ impl Store {
             .collect::<Result<_, _>>()?;
 
         let mut stats = WriteStats::default();
+        let mut rows = Vec::new();
         let mut written = Vec::new();
         let mut replaced = Vec::new();
         let mut new_versions = Vec::new();
-        for prepared in items {
-            let p = &prepared.item;
+        for &p in items {
+            let hash = content_hash(&p.raw);
             let counter = match stored.get(&p.id) {
                 None => &mut stats.inserted,
                 // An older copy (re-reads arrive out of order) or the same content: leave the row
                 // be. A row marked deleted takes whatever is served: the API says it exists.
                 Some(s)
-                    if !s.deleted
-                        && (s.updated_at > p.updated_at || s.content_hash == prepared.hash) =>
+                    if !s.deleted && (s.updated_at > p.updated_at || s.content_hash == hash) =>
                 {
                     stats.unchanged += 1;
                     continue;
@@ -458,9 +459,10 @@ impl Store {
                 }
             };
             *counter += 1;
-            written.push(prepared);
+            rows.push(ProcRow::new(p, hash));
+            written.push(p);
         }
-        if written.is_empty() {
+        if rows.is_empty() {
             return Ok(stats);
         }
         // New procedures have nothing to archive or replace (foreign keys guarantee it), so a
@@ -479,17 +481,16 @@ impl Store {
                 timed("delete_replaced", delete.execute(&mut **tx)).await?;
             }
         }
-        let rows = json_array(written.iter().map(|p| p.row.as_str()));
-        let upsert = sqlx::query(d.upsert_procedures).bind(rows).bind(now);
+        let upsert = sqlx::query(d.upsert_procedures).bind(json(&rows)).bind(now);
         timed("upsert_procedures", upsert.execute(&mut **tx)).await?;
-        let lanes = json_array(written.iter().map(|p| p.lanes.as_str()));
-        if lanes != "[]" {
-            let insert = sqlx::query(d.insert_lanes).bind(lanes);
+        let lanes = LaneRow::all(&written);
+        if !lanes.is_empty() {
+            let insert = sqlx::query(d.insert_lanes).bind(json(&lanes));
             timed("insert_lanes", insert.execute(&mut **tx)).await?;
         }
-        let calls = json_array(written.iter().map(|p| p.calls.as_str()));
-        if calls != "[]" {
-            let insert = sqlx::query(d.insert_calls).bind(calls);
+        let calls = CallRow::all(&written);
+        if !calls.is_empty() {
+            let insert = sqlx::query(d.insert_calls).bind(json(&calls));
             timed("insert_calls", insert.execute(&mut **tx)).await?;
         }
         Ok(stats)
@@ -685,11 +686,11 @@ struct ProcRow<'a> {
     updated_at: String,
     url: Option<&'a str>,
     raw: &'a str,
-    content_hash: &'a str,
+    content_hash: String,
 }
 
 impl<'a> ProcRow<'a> {
-    fn new(p: &'a Procedure, content_hash: &'a str) -> Self {
+    fn new(p: &'a Procedure, content_hash: String) -> Self {
         Self {
             id: &p.id,
             name: p.name.as_deref(),
@@ -728,15 +729,18 @@ struct LaneRow<'a> {
 }
 
 impl<'a> LaneRow<'a> {
-    fn of(p: &'a Procedure) -> impl Iterator<Item = Self> + 'a {
-        p.lanes
-            .iter()
-            .enumerate()
-            .map(move |(position, lane)| LaneRow {
-                procedure_id: &p.id,
-                position,
-                lane,
-            })
+    fn all(procs: &[&'a Procedure]) -> Vec<Self> {
+        let rows = procs.iter().flat_map(|p| {
+            p.lanes
+                .iter()
+                .enumerate()
+                .map(move |(position, lane)| LaneRow {
+                    procedure_id: &p.id,
+                    position,
+                    lane,
+                })
+        });
+        rows.collect()
     }
 }
 
@@ -749,23 +753,22 @@ struct CallRow<'a> {
 }
 
 impl<'a> CallRow<'a> {
-    fn of(p: &'a Procedure) -> impl Iterator<Item = Self> + 'a {
-        [
-            ("called_within", &p.called_within),
-            ("called_from", &p.called_from),
-        ]
-        .into_iter()
-        .flat_map(move |(relation, names)| {
-            names
-                .iter()
-                .enumerate()
-                .map(move |(position, name)| CallRow {
+    fn all(procs: &[&'a Procedure]) -> Vec<Self> {
+        let mut rows = Vec::new();
+        for p in procs {
+            for (relation, names) in [
+                ("called_within", &p.called_within),
+                ("called_from", &p.called_from),
+            ] {
+                rows.extend(names.iter().enumerate().map(|(position, name)| CallRow {
                     procedure_id: &p.id,
                     relation,
                     position,
                     related_name: name,
-                })
-        })
+                }));
+            }
+        }
+        rows
     }
 }
 
@@ -799,62 +802,17 @@ async fn timed<T>(
     result
 }
 
-/// The items of a batch, each with what writing it takes computed up front: the pass prepares
-/// a batch while the one before it is written, and the writer bounds a backfill.
-#[derive(Debug, Default)]
-pub struct Batch {
-    items: Vec<Prepared>,
-}
-
-#[derive(Debug)]
-struct Prepared {
-    item: Procedure,
-    hash: String,
-    /// Its `procedures` row, and its lanes' and calls' rows, as JSON array elements (lanes and
-    /// calls: none or several, comma-separated).
-    row: String,
-    lanes: String,
-    calls: String,
-}
-
-impl Batch {
-    pub fn new(items: Vec<Procedure>) -> Self {
-        let items = latest_per_id(items)
-            .into_iter()
-            .map(|item| {
-                let hash = content_hash(&item.raw);
-                Prepared {
-                    row: json(&ProcRow::new(&item, &hash)),
-                    lanes: json_elements(LaneRow::of(&item)),
-                    calls: json_elements(CallRow::of(&item)),
-                    hash,
-                    item,
-                }
-            })
-            .collect();
-        Self { items }
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-}
-
 /// A page may serve one id twice (the vendor promises nothing); the newest copy wins, and for
 /// equal timestamps the later one, as it is the last the server said.
-fn latest_per_id(items: Vec<Procedure>) -> Vec<Procedure> {
-    let mut position: HashMap<String, usize> = HashMap::with_capacity(items.len());
-    let mut out: Vec<Procedure> = Vec::with_capacity(items.len());
+fn latest_per_id(items: &[Procedure]) -> Vec<&Procedure> {
+    let mut position: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+    let mut out: Vec<&Procedure> = Vec::with_capacity(items.len());
     for p in items {
-        match position.get(&p.id) {
+        match position.get(p.id.as_str()) {
             Some(&i) if out[i].updated_at > p.updated_at => {}
             Some(&i) => out[i] = p,
             None => {
-                position.insert(p.id.clone(), out.len());
+                position.insert(&p.id, out.len());
                 out.push(p);
             }
         }
@@ -869,18 +827,6 @@ fn content_hash(raw: &str) -> String {
 
 fn json<T: Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).expect("rows of strings and numbers always serialise")
-}
-
-/// Rows as JSON array elements, comma-separated, without the brackets.
-fn json_elements<T: Serialize>(rows: impl Iterator<Item = T>) -> String {
-    let rows: Vec<String> = rows.map(|row| json(&row)).collect();
-    rows.join(",")
-}
-
-/// A JSON array of elements as [`json_elements`] makes them; empty ones are left out.
-fn json_array<'a>(elements: impl Iterator<Item = &'a str>) -> String {
-    let elements: Vec<&str> = elements.filter(|e| !e.is_empty()).collect();
-    format!("[{}]", elements.join(","))
 }
 
 fn now_text() -> String {
@@ -958,7 +904,7 @@ mod tests {
             item("a", "2024-01-01T00:00:01Z", "a-old"),
             item("b", "2024-01-01T00:00:00Z", "b-last"),
         ];
-        let names: Vec<_> = latest_per_id(page.to_vec())
+        let names: Vec<_> = latest_per_id(&page)
             .iter()
             .map(|p| p.name.clone().unwrap())
             .collect();

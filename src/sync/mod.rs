@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::klarify::{KlarifyClient, KlarifyError, Procedure, Rejected};
 use crate::store::{
-    Batch, LockGuard, LockKind, PageWrite, RunId, RunRecord, Store, StoreError, WriteStats,
+    LockGuard, LockKind, PageWrite, RunId, RunRecord, Store, StoreError, WriteStats,
 };
 use cursor::Frontier;
 use read::{Event, Reader};
@@ -315,23 +315,20 @@ impl Pass<'_> {
     /// still lies before. The write runs while more is received; writes never overlap, so they
     /// commit in order.
     async fn flush(&mut self) -> Result<(), SyncError> {
-        let pending = std::mem::take(&mut self.pending);
-        // Hashed and serialised while the write before it runs. Nothing is received meanwhile,
-        // so the frontier below still describes exactly what was received.
-        let batch = Batch::new(pending.items);
         self.settle().await?;
+        let pending = std::mem::take(&mut self.pending);
         let forward = self
             .frontier
             .watermark()
             .filter(|w| self.stored.is_none_or(|s| *w > s));
-        if batch.is_empty() && pending.rejected.is_empty() && forward.is_none() {
+        if pending.items.is_empty() && pending.rejected.is_empty() && forward.is_none() {
             return Ok(());
         }
         let (store, run, track_seen) = (self.store.clone(), self.run, self.track_seen);
         self.writing = Some(tokio::spawn(async move {
             let page = PageWrite {
                 run,
-                items: &batch,
+                items: &pending.items,
                 rejected: &pending.rejected,
                 watermark: forward,
                 track_seen,
