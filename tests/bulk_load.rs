@@ -9,6 +9,7 @@ use klarify_sync::fake::Organisation;
 use klarify_sync::store::{PageWrite, Store};
 use klarify_sync::sync::{run_pass, Mode};
 use secrecy::{ExposeSecret, SecretString};
+use sqlx::{Connection, Executor};
 use tokio_util::sync::CancellationToken;
 
 on_both_backends!(
@@ -172,4 +173,32 @@ async fn the_next_pass_builds_what_a_killed_bulk_load_left_out(backend: Backend)
     assert_eq!(deferred(&env.database_url).await, 0);
     common::assert_same(&reopened.live_procedures().await.unwrap(), &env.source());
     reopened.close().await;
+}
+
+/// A BI session left in a transaction holds a lock that dropping an index would wait for, and
+/// every query after the drop would queue behind it: the pass loads row by row instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_in_a_transaction_keeps_the_indexes_in_place() {
+    let backend = Backend::Postgres;
+    let env = Env::new(backend, Organisation::generate(85, 300), 20).await;
+    let migrated = schema(backend, &env.database_url).await;
+    let mut reader = sqlx::AnyConnection::connect(env.database_url.expose_secret())
+        .await
+        .unwrap();
+    reader.execute("BEGIN").await.unwrap();
+    reader
+        .execute("SELECT COUNT(*) FROM procedures")
+        .await
+        .unwrap();
+
+    // Without the lock timeout the pass waits for the reader for ever.
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), env.pass(Mode::Backfill))
+        .await
+        .expect("the pass did not wait for the reader")
+        .unwrap();
+    assert!(!report.bulk_load);
+    assert_eq!(schema(backend, &env.database_url).await, migrated);
+    assert_eq!(deferred(&env.database_url).await, 0);
+    env.assert_mirror_equals_source().await;
+    reader.execute("ROLLBACK").await.unwrap();
 }

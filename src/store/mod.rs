@@ -72,6 +72,9 @@ pub(crate) struct Dialect {
     /// secondary indexes of the mirrored tables, never those behind a primary key or a unique
     /// constraint (the writes rely on them).
     pub deferrable: &'static str,
+    /// Run first in the transaction that drops them: how long to wait for a reader's lock on a
+    /// mirrored table before loading row by row instead.
+    pub lock_timeout: Option<&'static str>,
 }
 
 const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
@@ -509,6 +512,9 @@ impl Store {
         if stored > 0 {
             return Ok(false);
         }
+        if let Some(sql) = self.dialect.lock_timeout {
+            (&mut *tx).execute(sql).await?;
+        }
         let deferrable: Vec<(String, String, String)> = sqlx::query_as(self.dialect.deferrable)
             .fetch_all(&mut *tx)
             .await?;
@@ -518,7 +524,16 @@ impl Store {
                 .bind(restore)
                 .execute(&mut *tx)
                 .await?;
-            (&mut *tx).execute(drop.as_str()).await?;
+            match (&mut *tx).execute(drop.as_str()).await {
+                Ok(_) => {}
+                // A reader holds the table (a BI session left in a transaction?). Waiting would
+                // make every query after it queue behind the drop; the load keeps the indexes.
+                Err(e) if is_lock_timeout(&e) => {
+                    tracing::info!(error = %e, "a reader holds the mirrored tables: this bulk load writes its indexes row by row");
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         tx.commit().await?;
         Ok(true)
@@ -835,6 +850,13 @@ fn now_text() -> String {
 
 fn parse_stored(s: &str) -> Result<OffsetDateTime, StoreError> {
     parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+}
+
+/// PostgreSQL's `lock_not_available`, which `lock_timeout` raises.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "55P03")
 }
 
 /// A database error in words that say what to do. SQLite's result codes are specific enough

@@ -109,4 +109,6 @@ pub(super) static DIALECT: Dialect = Dialect {
         JOIN pg_namespace n ON n.oid = t.relnamespace \
         WHERE c.contype = 'f' AND n.nspname = current_schema() \
           AND t.relname IN ('procedure_lanes', 'procedure_calls')",
+    // Dropping an index waits for every open transaction that read its table.
+    lock_timeout: Some("SET LOCAL lock_timeout = '2s'"),
 };

@@ -96,6 +96,8 @@ pub(super) static DIALECT: Dialect = Dialect {
         JOIN pragma_index_list(m.tbl_name) i ON i.name = m.name \
         WHERE m.type = 'index' AND m.sql IS NOT NULL AND NOT i.\"unique\" \
           AND m.tbl_name IN ('procedures', 'procedure_lanes', 'procedure_calls')",
+    // In WAL mode readers never hold up a writer, DDL included.
+    lock_timeout: None,
 };
 
 /// Creates the file when missing and switches it to WAL once (the mode is stored in the file),
