@@ -405,7 +405,7 @@ impl Store {
         let mut running = self
             .checkpoint
             .lock()
-            .expect("never poisoned: no panics inside");
+            .expect("no panics while the checkpoint lock is held");
         if running.as_ref().is_some_and(|r| !r.is_finished()) {
             return;
         }
@@ -662,7 +662,11 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        let checkpoint = self.checkpoint.lock().expect("never poisoned").take();
+        let checkpoint = self
+            .checkpoint
+            .lock()
+            .expect("no panics while the checkpoint lock is held")
+            .take();
         if let Some(checkpoint) = checkpoint {
             let _ = checkpoint.await;
         }
