@@ -47,13 +47,7 @@ async fn schema(backend: Backend, url: &SecretString) -> Vec<String> {
 }
 
 async fn deferred(url: &SecretString) -> i64 {
-    let pool = sqlx::AnyPool::connect(url.expose_secret()).await.unwrap();
-    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM deferred_schema")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    n
+    common::scalar(url, "SELECT COUNT(*) FROM deferred_schema").await
 }
 
 fn mentions(schema: &[String], name: &str) -> bool {

@@ -130,13 +130,7 @@ impl Mirror {
     }
 
     async fn scalar(&self, sql: &str) -> i64 {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::AnyPool::connect(self.url.expose_secret())
-            .await
-            .unwrap();
-        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-        pool.close().await;
-        n
+        common::scalar(&self.url, sql).await
     }
 
     /// What a process killed at any moment must leave: a readable database, a watermark that

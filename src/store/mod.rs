@@ -218,7 +218,7 @@ pub struct Store {
     dialect: &'static Dialect,
     locking: lock::Locking,
     /// The last [`Dialect::checkpoint`] started; commits while it runs start none.
-    checkpoint: Arc<Mutex<Option<JoinHandle<()>>>>,
+    running_checkpoint: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -280,7 +280,7 @@ impl Store {
             writer,
             dialect,
             locking,
-            checkpoint: Arc::default(),
+            running_checkpoint: Arc::default(),
         })
     }
 
@@ -403,7 +403,7 @@ impl Store {
             return;
         };
         let mut running = self
-            .checkpoint
+            .running_checkpoint
             .lock()
             .expect("no panics while the checkpoint lock is held");
         if running.as_ref().is_some_and(|r| !r.is_finished()) {
@@ -663,7 +663,7 @@ impl Store {
 
     pub async fn close(&self) {
         let checkpoint = self
-            .checkpoint
+            .running_checkpoint
             .lock()
             .expect("no panics while the checkpoint lock is held")
             .take();

@@ -181,9 +181,11 @@ async fn locked_pass(
     };
     let outcome = pass.run(&reader, start).await;
     // Also after a failure: BI users query what was committed, and the next pass is no bulk load.
-    let outcome = match bulk {
-        true => outcome.and(store.restore_deferred().await.map(drop).map_err(Into::into)),
-        false => outcome,
+    let outcome = if bulk {
+        let restored = store.restore_deferred().await;
+        outcome.and(restored.map(|_| ()).map_err(SyncError::from))
+    } else {
+        outcome
     };
     let deleted = match (&outcome, pass.track_seen) {
         (Ok(()), true) => {

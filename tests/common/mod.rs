@@ -12,7 +12,7 @@ use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::{format_instant, parse_item, ClientSettings, KlarifyClient, Procedure};
 use klarify_sync::store::Store;
 use klarify_sync::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -248,6 +248,15 @@ pub fn seed(default: u64) -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// The one integer `sql` returns, read through a connection of its own.
+pub async fn scalar(url: &SecretString, sql: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url.expose_secret()).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    n
 }
 
 /// Past the plan and the first pages of every range, one request fails all its attempts (of the
