@@ -70,12 +70,15 @@ pub struct ScheduleSettings {
 pub struct SyncSettings {
     pub overlap_secs: u64,
     pub max_delete_share: f64,
-    pub tie_group_attempts: u32,
+    pub tie_group_rounds: u32,
+    pub tie_group_page_size: u32,
+    pub max_future_skew_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct HealthSettings {
     pub max_staleness_secs: u64,
+    pub max_unproven_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,8 +226,16 @@ impl Settings {
         if !(0.0..=1.0).contains(&self.sync.max_delete_share) {
             return Err(invalid("sync.max_delete_share", "must be between 0 and 1"));
         }
-        if self.sync.tie_group_attempts == 0 {
-            return Err(invalid("sync.tie_group_attempts", "must be at least 1"));
+        if self.sync.tie_group_rounds == 0 {
+            return Err(invalid("sync.tie_group_rounds", "must be at least 1"));
+        }
+        // Past the overlap, an edit made just after a pass could fall below where the next one
+        // starts reading.
+        if self.sync.max_future_skew_secs > self.sync.overlap_secs {
+            return Err(invalid(
+                "sync.max_future_skew_secs",
+                "must not exceed sync.overlap_secs",
+            ));
         }
         crate::schedule::parse_cron(&self.schedule.cron)
             .map_err(|reason| invalid("schedule.cron", reason))?;

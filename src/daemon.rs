@@ -48,6 +48,8 @@ pub struct Daemon {
     /// When to run a full reconciliation (a backfill, deletions included); `None`: never.
     pub backfill_cron: Option<String>,
     pub max_staleness: Duration,
+    /// How long a tie group may stay unproven before `/readyz` says so.
+    pub max_unproven: Duration,
     /// First and longest wait before a failed pass is retried (the next cron tick may come first).
     pub retry_delays: (Duration, Duration),
 }
@@ -92,12 +94,13 @@ impl BoundDaemon {
             cron,
             backfill_cron,
             max_staleness,
+            max_unproven,
             retry_delays,
         } = self.daemon;
         // Installed before the first pass so its counters are not lost.
         crate::metrics::handle();
         let token = CancellationToken::new();
-        let readiness = Readiness::new(max_staleness);
+        let readiness = Readiness::new(max_staleness, max_unproven);
 
         let http = {
             let token = token.clone();

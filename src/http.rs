@@ -32,14 +32,16 @@ pub struct Readiness {
     /// Set once the daemon has opened the database.
     store: Arc<OnceLock<Store>>,
     max_staleness: Duration,
+    max_unproven: Duration,
 }
 
 impl Readiness {
-    pub fn new(max_staleness: Duration) -> Self {
+    pub fn new(max_staleness: Duration, max_unproven: Duration) -> Self {
         Self {
             health: Arc::default(),
             store: Arc::default(),
             max_staleness,
+            max_unproven,
         }
     }
 
@@ -83,9 +85,13 @@ impl Readiness {
                 detail.map_or_else(|| "the database is not open yet".to_owned(), |(_, d)| d);
             return Err(json!({"reason": "database_down", "detail": detail}));
         };
-        let ping = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
-        match ping {
-            Ok(Ok(())) => {}
+        let ping = tokio::time::timeout(Duration::from_secs(2), async {
+            store.ping().await?;
+            store.unproven_groups().await
+        })
+        .await;
+        let unproven = match ping {
+            Ok(Ok(unproven)) => unproven,
             Ok(Err(e @ StoreError::Schema { .. })) => {
                 return Err(json!({"reason": "schema_mismatch", "detail": e.to_string()}))
             }
@@ -95,6 +101,21 @@ impl Readiness {
                     json!({"reason": "database_down", "detail": "the database did not answer within 2s"}),
                 )
             }
+        };
+        // Read under changes, a group is proven by a later pass; one that stays unproven this
+        // long means members may be missing from the mirror while passes succeed.
+        let oldest = unproven.iter().map(|g| &g.recorded_at).min().cloned();
+        let overdue = unproven.iter().any(|g| {
+            crate::klarify::parse_instant(&g.recorded_at)
+                .is_ok_and(|at| OffsetDateTime::now_utc() - at > self.max_unproven)
+        });
+        if overdue {
+            return Err(json!({
+                "reason": "unproven_tie_group",
+                "detail": format!("a group of procedures sharing one updated_at has not been proven read completely for longer than health.max_unproven_secs ({}s): members may be missing from the mirror; see `klarify-sync status`", self.max_unproven.as_secs()),
+                "unproven_tie_groups": unproven.len(),
+                "oldest_unproven_since": oldest,
+            }));
         }
         let h = self.health.lock().expect("health lock poisoned");
         let last_success = h.last_success.map(format_instant);
@@ -118,7 +139,11 @@ impl Readiness {
                 "last_success": last_success,
             }));
         }
-        Ok(json!({"status": "ready", "last_success": last_success}))
+        Ok(json!({
+            "status": "ready",
+            "last_success": last_success,
+            "unproven_tie_groups": unproven.len(),
+        }))
     }
 }
 
@@ -129,9 +154,10 @@ fn reason_code(error: &SyncError) -> &'static str {
         SyncError::Klarify(_) => "api_unreachable",
         SyncError::Store(StoreError::Connect { .. }) => "database_down",
         SyncError::Store(_) => "database_error",
-        SyncError::Unordered(_) | SyncError::UnstableTieGroup { .. } | SyncError::Stuck => {
+        SyncError::Unordered(_) | SyncError::Stuck | SyncError::TooManyRequests => {
             "api_inconsistent"
         }
+        SyncError::WriteAborted(_) => "database_error",
         SyncError::Interrupted => "shutting_down",
     }
 }

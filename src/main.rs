@@ -118,7 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let options = SyncOptions {
         overlap: Duration::from_secs(settings.sync.overlap_secs),
         max_delete_share: settings.sync.max_delete_share,
-        tie_group_attempts: settings.sync.tie_group_attempts,
+        tie_group_rounds: settings.sync.tie_group_rounds,
+        tie_group_page_size: settings.sync.tie_group_page_size,
+        max_future_skew: Duration::from_secs(settings.sync.max_future_skew_secs),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -154,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .transpose()
             .map_err(anyhow::Error::msg)?,
         max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
+        max_unproven: Duration::from_secs(settings.health.max_unproven_secs),
         retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
     }
     .bind(settings.http.listen)
@@ -201,7 +204,9 @@ async fn status(config: Option<PathBuf>, json: bool, passes: i64) -> anyhow::Res
     let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
     settings.validate(false)?;
     let store = Store::open(&settings.database_url(false), 1).await?;
-    let status = store.status(passes).await?;
+    let future_after =
+        time::OffsetDateTime::now_utc() + Duration::from_secs(settings.sync.max_future_skew_secs);
+    let status = store.status(passes, future_after).await?;
     store.close().await;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);

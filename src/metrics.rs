@@ -81,6 +81,14 @@ fn describe() {
         Unit::Seconds,
         "Latency of Klarify API requests."
     );
+    describe_gauge!(
+        "klarify_sync_unproven_tie_groups",
+        "Groups of procedures sharing one updated_at not yet proven read completely (members may be missing until a later pass proves them)."
+    );
+    describe_gauge!(
+        "klarify_sync_future_dated_procedures",
+        "Live procedures dated past now plus sync.max_future_skew_secs: stored, read again every pass, never followed by the watermark."
+    );
     describe_counter!(
         "klarify_api_retries_total",
         "Klarify API requests retried after a transient failure."
@@ -125,4 +133,10 @@ pub fn record_pass(mode: Mode, r: &RunRecord, duration: Duration) {
         metrics::gauge!("klarify_sync_watermark_timestamp_seconds").set(w.unix_timestamp() as f64);
         WATERMARK.store(w.unix_timestamp(), Ordering::Relaxed);
     }
+}
+
+/// Records what a successful pass left unsure.
+pub fn record_doubts(unproven_groups: u64, future_dated: u64) {
+    metrics::gauge!("klarify_sync_unproven_tie_groups").set(unproven_groups as f64);
+    metrics::gauge!("klarify_sync_future_dated_procedures").set(future_dated as f64);
 }

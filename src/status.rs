@@ -15,6 +15,21 @@ pub fn render_text(s: &Status) -> String {
         "procedures  {} live, {} deleted; {} lanes, {} calls; {} rejected items",
         s.live_procedures, s.deleted_procedures, s.lanes, s.calls, s.rejected_items
     );
+    if s.future_dated > 0 {
+        let _ = writeln!(
+            out,
+            "future      {} procedure(s) dated after now + sync.max_future_skew_secs: stored, read again every pass",
+            s.future_dated
+        );
+    }
+    for (i, g) in s.unproven_tie_groups.iter().enumerate() {
+        let label = if i == 0 { "unproven" } else { "" };
+        let _ = writeln!(
+            out,
+            "{label:<11} tie group at {}: at most {} procedure(s), {} served since; since {}, {} pass(es) tried",
+            g.at, g.size_bound, g.size_counted, g.recorded_at, g.checks
+        );
+    }
     if s.recent_runs.is_empty() {
         let _ = writeln!(out, "passes      none yet");
     }

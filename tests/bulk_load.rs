@@ -146,6 +146,8 @@ async fn the_next_pass_builds_what_a_killed_bulk_load_left_out(backend: Backend)
         rejected: &[],
         watermark: first_half.last().map(|p| p.updated_at),
         track_seen: false,
+        unproven: &[],
+        proven: &[],
     };
     env.store.write_page(&batch).await.unwrap();
     env.store.close().await;

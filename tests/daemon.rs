@@ -41,6 +41,7 @@ async fn start_with(
         cron: cron.to_owned(),
         backfill_cron: backfill_cron.map(str::to_owned),
         max_staleness,
+        max_unproven: Duration::from_secs(3600),
         retry_delays: (Duration::from_millis(50), Duration::from_millis(200)),
     }
     .bind("127.0.0.1:0".parse().unwrap())

@@ -27,7 +27,7 @@ async fn fake(items: usize, latency: Duration) -> FakeKlarify {
         access_key: KEY.into(),
         latency,
         seed: 77,
-        unstable_ties: false,
+        ..FakeOptions::default()
     };
     FakeKlarify::start(Organisation::generate(77, items), opts)
         .await

@@ -139,10 +139,10 @@ impl Mirror {
         let Some(store) = self.open_if_migrated().await else {
             return;
         };
-        let watermark = store.watermark().await.unwrap();
+        let committed = common::committed(&store).await;
         let mirror = store.live_procedures().await.unwrap();
         store.close().await;
-        assert_watermark_not_ahead(watermark, &mirror, &source_of(fake), context);
+        assert_watermark_not_ahead(&committed, &mirror, &source_of(fake), context);
         if matches!(self.backend, Backend::Sqlite) {
             sqlx::any::install_default_drivers();
             let pool = sqlx::AnyPool::connect(self.url.expose_secret())
@@ -263,7 +263,7 @@ async fn fake(seed: u64, items: usize, latency: Duration) -> FakeKlarify {
         access_key: KEY.into(),
         latency,
         seed,
-        unstable_ties: false,
+        ..FakeOptions::default()
     };
     FakeKlarify::start(Organisation::generate(seed, items), opts)
         .await
@@ -428,15 +428,15 @@ async fn sigterm_mid_pass_exits_zero_and_the_next_start_resumes(backend: Backend
     let took = stopping.elapsed();
 
     let store = Store::open(&mirror.url, 2).await.unwrap();
-    let watermark = store
-        .watermark()
-        .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("{backend:?}: no page was committed before SIGTERM"));
+    let committed = common::committed(&store).await;
+    assert!(
+        committed.watermark.is_some(),
+        "{backend:?}: no page was committed before SIGTERM"
+    );
     let kept = store.live_procedures().await.unwrap();
     store.close().await;
     assert_watermark_not_ahead(
-        Some(watermark),
+        &committed,
         &kept,
         &source_of(&fake),
         &format!("{backend:?} after SIGTERM"),
@@ -464,7 +464,7 @@ async fn sigterm_mid_pass_exits_zero_and_the_next_start_resumes(backend: Backend
     assert_eq!(outcome, "succeeded");
     assert_eq!(
         before.as_deref(),
-        Some(format_instant(watermark).as_str()),
+        committed.watermark.map(format_instant).as_deref(),
         "{backend:?}: the next pass starts from the watermark the stopped one committed"
     );
     assert_eq!(

@@ -36,6 +36,8 @@ async fn a_commit_is_checkpointed_beside_the_writer() {
         rejected: &[],
         watermark: items.iter().map(|p| p.updated_at).max(),
         track_seen: false,
+        unproven: &[],
+        proven: &[],
     };
     env.store.write_page(&batch).await.unwrap();
     // Far below the writer's own threshold (20,000 pages): only the background checkpoint

@@ -32,6 +32,9 @@ pub struct FakeOptions {
     pub seed: u64,
     /// When true, items with equal sort keys come back in a new order on every request.
     pub unstable_ties: bool,
+    /// Serves at most this many items per page, whatever `pageSize` asks for, and counts pages
+    /// in that size, as a server that silently caps its page size would.
+    pub max_page_size: Option<u64>,
 }
 
 /// Written out so that the key never reaches a log line, even a test key.
@@ -42,6 +45,7 @@ impl std::fmt::Debug for FakeOptions {
             .field("latency", &self.latency)
             .field("seed", &self.seed)
             .field("unstable_ties", &self.unstable_ties)
+            .field("max_page_size", &self.max_page_size)
             .finish()
     }
 }
@@ -53,6 +57,7 @@ impl Default for FakeOptions {
             latency: Duration::ZERO,
             seed: 1,
             unstable_ties: false,
+            max_page_size: None,
         }
     }
 }
@@ -102,6 +107,7 @@ struct Inner {
     control: Mutex<Control>,
     access_key: String,
     unstable_ties: bool,
+    max_page_size: Option<u64>,
     latency_nanos: AtomicU64,
     answered: AtomicU64,
     in_flight: AtomicU64,
@@ -171,6 +177,7 @@ impl FakeKlarify {
             }),
             access_key: opts.access_key,
             unstable_ties: opts.unstable_ties,
+            max_page_size: opts.max_page_size,
             latency_nanos: AtomicU64::new(nanos(opts.latency)),
             answered: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),

@@ -97,7 +97,12 @@ async fn answer(inner: &Inner, method: &Method, uri: &Uri, fault: Option<Fault>)
         return error(StatusCode::NOT_FOUND, "no such endpoint");
     }
     let request = match parse(uri, &inner.access_key) {
-        Ok(request) => request,
+        Ok(mut request) => {
+            if let Some(cap) = inner.max_page_size {
+                request.page_size = request.page_size.min(cap);
+            }
+            request
+        }
         Err((status, message)) => return error(status, &message),
     };
     let mut page = inner.lock().data.page(&request, inner.unstable_ties);

@@ -44,6 +44,8 @@ pub struct ClientSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageQuery {
     pub page: u32,
+    /// Items per page; pages are counted in this size.
+    pub page_size: u32,
     /// Only items modified strictly after this instant.
     pub after: Option<OffsetDateTime>,
 }
@@ -77,6 +79,12 @@ fn status_hint(status: u16) -> &'static str {
 }
 
 impl KlarifyError {
+    /// The server refused the request itself (a 4xx other than the key's 404, a timeout or rate
+    /// limiting): asking the same again cannot help, asking differently may.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Status { status, .. } if (400..500).contains(status) && !matches!(status, 408 | 429))
+    }
+
     /// Worth another attempt: the server or the network may do better in a moment.
     fn is_transient(&self) -> bool {
         match self {
@@ -176,12 +184,17 @@ impl KlarifyClient {
 
     /// Fetches one page, retrying transient failures with capped, jittered exponential backoff.
     pub async fn fetch_page(&self, query: PageQuery) -> Result<Page, KlarifyError> {
-        self.fetch(query, self.settings.page_size).await
+        self.fetch(query).await
     }
 
     /// How many items were modified after `after`, from `totalCount`, at the cost of one item.
     pub async fn count(&self, after: Option<OffsetDateTime>) -> Result<u64, KlarifyError> {
-        let page = self.fetch(PageQuery { page: 0, after }, 1).await?;
+        let query = PageQuery {
+            page: 0,
+            page_size: 1,
+            after,
+        };
+        let page = self.fetch(query).await?;
         Ok(page.total_count)
     }
 
@@ -193,19 +206,16 @@ impl KlarifyClient {
         after: Option<OffsetDateTime>,
         offset: u32,
     ) -> Result<Option<OffsetDateTime>, KlarifyError> {
-        let page = self
-            .fetch(
-                PageQuery {
-                    page: offset,
-                    after,
-                },
-                1,
-            )
-            .await?;
+        let query = PageQuery {
+            page: offset,
+            page_size: 1,
+            after,
+        };
+        let page = self.fetch(query).await?;
         Ok(page.items.first().map(|p| p.updated_at))
     }
 
-    async fn fetch(&self, query: PageQuery, page_size: u32) -> Result<Page, KlarifyError> {
+    async fn fetch(&self, query: PageQuery) -> Result<Page, KlarifyError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.settings.retry_base_delay)
             .with_max_delay(self.settings.retry_max_delay)
@@ -215,7 +225,7 @@ impl KlarifyClient {
         let mut attempts = 0;
         let result = (|| {
             attempts += 1;
-            self.fetch_once(query, page_size)
+            self.fetch_once(query)
         })
         .retry(backoff)
         .when(|f: &Failure| f.error.is_transient())
@@ -234,7 +244,7 @@ impl KlarifyClient {
         })
     }
 
-    async fn fetch_once(&self, query: PageQuery, page_size: u32) -> Result<Page, Failure> {
+    async fn fetch_once(&self, query: PageQuery) -> Result<Page, Failure> {
         // Held for the request only, not across a retry's wait.
         let _permit = self
             .in_flight
@@ -243,7 +253,7 @@ impl KlarifyClient {
             .expect("the semaphore is never closed");
         self.rate.until_ready().await;
         let started = std::time::Instant::now();
-        let outcome = self.request(query, page_size).await;
+        let outcome = self.request(query).await;
         let status = match &outcome {
             Ok(_) => "200".to_owned(),
             Err(f) => match &f.error {
@@ -261,14 +271,14 @@ impl KlarifyClient {
         outcome
     }
 
-    async fn request(&self, query: PageQuery, page_size: u32) -> Result<Page, Failure> {
+    async fn request(&self, query: PageQuery) -> Result<Page, Failure> {
         let mut params = vec![
             (
                 "access_key",
                 self.settings.access_key.expose_secret().to_owned(),
             ),
             ("page", query.page.to_string()),
-            ("pageSize", page_size.to_string()),
+            ("pageSize", query.page_size.to_string()),
             ("sort", "updated_at,asc".to_owned()),
         ];
         if let Some(after) = query.after {

@@ -75,6 +75,13 @@ pub(crate) struct Dialect {
     /// Run first in the transaction that drops them: how long to wait for a reader's lock on a
     /// mirrored table before loading row by row instead.
     pub lock_timeout: Option<&'static str>,
+    /// `$1`: at, `$2`: size_bound, `$3`: size_counted, `$4`: now. Records a tie group a pass
+    /// could not prove complete, or another pass that could not.
+    pub record_unproven: &'static str,
+    /// -> [`StoredUnproven`] columns, oldest instant first.
+    pub unproven_groups: &'static str,
+    /// `$1`: an instant -> how many live procedures are dated after it.
+    pub count_future: &'static str,
 }
 
 const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
@@ -97,6 +104,7 @@ const ANY_PROCEDURE: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM procedures LIMI
 const RECORD_DEFERRED: &str = "INSERT INTO deferred_schema (name, restore) VALUES ($1, $2)";
 const DEFERRED: &str = "SELECT name, restore FROM deferred_schema ORDER BY name";
 const CLEAR_DEFERRED: &str = "DELETE FROM deferred_schema";
+const DELETE_UNPROVEN: &str = "DELETE FROM unproven_tie_groups WHERE at = $1";
 const LIVE_LANES: &str = "SELECT l.procedure_id, l.lane FROM procedure_lanes l \
      JOIN procedures p ON p.id = l.procedure_id WHERE p.deleted_at IS NULL \
      ORDER BY l.procedure_id, l.position";
@@ -143,6 +151,40 @@ pub struct PageWrite<'a> {
     pub watermark: Option<OffsetDateTime>,
     /// Record the ids for deletion detection (backfills).
     pub track_seen: bool,
+    /// Tie groups read without proof that every member was served; recorded with the items
+    /// read of them, so that no watermark past them is committed without the record.
+    pub unproven: &'a [UnprovenGroup],
+    /// Unproven groups of earlier passes now read completely; their records go with the items.
+    pub proven: &'a [OffsetDateTime],
+}
+
+/// A tie group a pass read while it changed and could not prove it read completely
+/// (docs/sync.md, "Unproven groups").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnprovenGroup {
+    /// The `updated_at` its members share.
+    pub at: OffsetDateTime,
+    /// At most this many procedures shared it at the instant it was last measured.
+    pub size_bound: u64,
+    /// How many of them were served after that measurement.
+    pub size_counted: u64,
+}
+
+/// An unproven group as stored, for the next pass, `status` and `/readyz`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StoredUnproven {
+    pub at: String,
+    pub size_bound: i64,
+    pub size_counted: i64,
+    pub recorded_at: String,
+    pub checked_at: String,
+    pub checks: i64,
+}
+
+impl StoredUnproven {
+    pub fn instant(&self) -> Result<OffsetDateTime, StoreError> {
+        parse_stored(&self.at)
+    }
 }
 
 /// What a page write did.
@@ -187,6 +229,10 @@ pub struct Status {
     pub lanes: i64,
     pub calls: i64,
     pub rejected_items: i64,
+    /// Live procedures dated after now plus `sync.max_future_skew_secs`: stored, and read again
+    /// by every pass, because the watermark never follows them.
+    pub future_dated: i64,
+    pub unproven_tie_groups: Vec<StoredUnproven>,
     pub recent_runs: Vec<RunSummary>,
 }
 
@@ -387,6 +433,22 @@ impl Store {
                     stats.new_rejected += 1;
                 }
             }
+        }
+        for g in page.unproven {
+            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            sqlx::query(d.record_unproven)
+                .bind(format_instant(g.at))
+                .bind(count(g.size_bound))
+                .bind(count(g.size_counted))
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for &at in page.proven {
+            sqlx::query(DELETE_UNPROVEN)
+                .bind(format_instant(at))
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(w) = page.watermark {
             let set = sqlx::query(SET_WATERMARK).bind(format_instant(w));
@@ -635,9 +697,33 @@ impl Store {
         Ok(procs)
     }
 
-    /// The watermark, the table sizes and the newest `runs` passes.
+    /// The tie groups earlier passes could not prove they read completely, oldest instant first.
     #[tracing::instrument(skip_all)]
-    pub async fn status(&self, runs: i64) -> Result<Status, StoreError> {
+    pub async fn unproven_groups(&self) -> Result<Vec<StoredUnproven>, StoreError> {
+        let groups = sqlx::query_as(self.dialect.unproven_groups)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(groups)
+    }
+
+    /// How many live procedures are dated after `after`.
+    #[tracing::instrument(skip_all)]
+    pub async fn future_dated(&self, after: OffsetDateTime) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(self.dialect.count_future)
+            .bind(format_instant(after))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The watermark, the table sizes, the newest `runs` passes, the unproven tie groups, and
+    /// how many procedures are dated after `future_after`.
+    #[tracing::instrument(skip_all)]
+    pub async fn status(
+        &self,
+        runs: i64,
+        future_after: OffsetDateTime,
+    ) -> Result<Status, StoreError> {
         let (live_procedures, deleted_procedures, lanes, calls, rejected_items): (
             i64,
             i64,
@@ -657,6 +743,8 @@ impl Store {
             lanes,
             calls,
             rejected_items,
+            future_dated: self.future_dated(future_after).await? as i64,
+            unproven_tie_groups: self.unproven_groups().await?,
             recent_runs,
         })
     }

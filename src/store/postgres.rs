@@ -111,4 +111,19 @@ pub(super) static DIALECT: Dialect = Dialect {
           AND t.relname IN ('procedure_lanes', 'procedure_calls')",
     // Dropping an index waits for every open transaction that read its table.
     lock_timeout: Some("SET LOCAL lock_timeout = '2s'"),
+    record_unproven: "INSERT INTO unproven_tie_groups \
+        (at, size_bound, size_counted, recorded_at, checked_at, checks) \
+        VALUES ($1, $2, $3, $4::timestamptz, $4::timestamptz, 1) \
+        ON CONFLICT (at) DO UPDATE SET size_bound = excluded.size_bound, \
+        size_counted = excluded.size_counted, checked_at = excluded.checked_at, \
+        checks = unproven_tie_groups.checks + 1",
+    unproven_groups: concat!(
+        "SELECT at, size_bound, size_counted, ",
+        rfc3339!("recorded_at"),
+        ", ",
+        rfc3339!("checked_at"),
+        ", checks FROM unproven_tie_groups ORDER BY at"
+    ),
+    count_future: "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL \
+        AND updated_at > $1::timestamptz",
 };

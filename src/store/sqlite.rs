@@ -98,6 +98,14 @@ pub(super) static DIALECT: Dialect = Dialect {
           AND m.tbl_name IN ('procedures', 'procedure_lanes', 'procedure_calls')",
     // In WAL mode readers never hold up a writer, DDL included.
     lock_timeout: None,
+    record_unproven: "INSERT INTO unproven_tie_groups \
+        (at, size_bound, size_counted, recorded_at, checked_at, checks) VALUES ($1, $2, $3, $4, $4, 1) \
+        ON CONFLICT (at) DO UPDATE SET size_bound = excluded.size_bound, \
+        size_counted = excluded.size_counted, checked_at = excluded.checked_at, \
+        checks = unproven_tie_groups.checks + 1",
+    unproven_groups: "SELECT at, size_bound, size_counted, recorded_at, checked_at, checks \
+        FROM unproven_tie_groups ORDER BY at",
+    count_future: "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL AND updated_at > $1",
 };
 
 /// Creates the file when missing and switches it to WAL once (the mode is stored in the file),

@@ -94,7 +94,9 @@ impl Env {
         let options = SyncOptions {
             overlap: Duration::from_secs(60),
             max_delete_share: 0.5,
-            tie_group_attempts: 5,
+            tie_group_rounds: 16,
+            tie_group_page_size: 1000,
+            max_future_skew: Duration::from_secs(60),
         };
         Self {
             fake,
@@ -198,15 +200,39 @@ pub fn assert_source_contained(mirror: &[Procedure], source: &[Procedure]) {
     assert_same(&kept, source);
 }
 
+/// What a mirror has committed about its reading: the watermark, and the instants of the tie
+/// groups it has recorded as not proven read completely.
+pub struct Committed {
+    pub watermark: Option<OffsetDateTime>,
+    pub unproven: Vec<OffsetDateTime>,
+}
+
+pub async fn committed(store: &Store) -> Committed {
+    let unproven = store.unproven_groups().await.unwrap();
+    Committed {
+        watermark: store.watermark().await.unwrap(),
+        unproven: unproven.iter().map(|g| g.instant().unwrap()).collect(),
+    }
+}
+
 /// The stored watermark never runs ahead of the data written: every source procedure modified
-/// at or before it is in the mirror, in that version or a newer one.
+/// at or before it is in the mirror, in that version or a newer one, except members of groups
+/// recorded as unproven (docs/sync.md), which later passes read again.
 pub fn assert_watermark_not_ahead(
-    watermark: Option<OffsetDateTime>,
+    committed: &Committed,
     mirror: &[Procedure],
     source: &[Procedure],
     context: &str,
 ) {
-    let Some(w) = watermark else { return };
+    let Some(w) = committed.watermark else {
+        return;
+    };
+    let source: Vec<Procedure> = source
+        .iter()
+        .filter(|s| !committed.unproven.contains(&s.updated_at))
+        .cloned()
+        .collect();
+    let source = &source[..];
     let mirrored: HashMap<&str, &Procedure> = mirror.iter().map(|p| (p.id.as_str(), p)).collect();
     let missing: Vec<String> = source
         .iter()
