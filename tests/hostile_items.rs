@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use common::Backend;
 use klarify_sync::klarify::{
@@ -260,6 +261,45 @@ async fn the_largest_item_allowed_is_stored(backend: Backend) {
     mirror.assert_holds_exactly(&page).await;
 }
 
+/// Log lines, as the text format writes them.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A rejected item is logged with its raw text, which was logged whole: a megabyte-long item
+/// made a megabyte-long line, on every pass that served it.
+async fn a_rejected_item_is_logged_on_one_bounded_line(backend: Backend) {
+    let mirror = Mirror::new(backend).await;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let hostile = format!(
+        r#"{{"id":"x\n2025-01-01T00:00:00Z ERROR forged","updated_at":"never","name":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    let page = mirror.write(&[hostile]).await.unwrap();
+    assert_eq!(page.rejected.len(), 1);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert!(lines[0].contains("cannot be understood"), "{logs}");
+    assert!(lines[0].len() < 2 * MAX_REASON, "{} bytes", lines[0].len());
+}
+
 /// A raw item's text, parts of it chosen to be hostile.
 fn hostile_item() -> impl Strategy<Value = String> {
     let text = prop_oneof![
@@ -433,5 +473,6 @@ on_both_backends!(
     the_same_rejected_item_twice_in_a_batch,
     the_limits_themselves_are_stored_exactly,
     the_largest_item_allowed_is_stored,
+    a_rejected_item_is_logged_on_one_bounded_line,
     hostile_pages_never_block_a_batch,
 );

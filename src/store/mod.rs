@@ -857,7 +857,7 @@ fn now_text() -> String {
 }
 
 fn parse_stored(s: &str) -> Result<OffsetDateTime, StoreError> {
-    parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+    parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {}: {e}", untrusted(s))))
 }
 
 /// PostgreSQL's `lock_not_available`, which `lock_timeout` raises.
