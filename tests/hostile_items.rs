@@ -452,13 +452,11 @@ async fn a_malformed_response_gives_a_bounded_error() {
         max_requests_per_second: 100,
     })
     .unwrap();
-    let err = client
-        .fetch_page(PageQuery {
-            page: 0,
-            after: None,
-        })
-        .await
-        .unwrap_err();
+    let first = PageQuery {
+        page: 0,
+        after: None,
+    };
+    let err = client.fetch_page(first).await.unwrap_err();
     assert!(matches!(err, KlarifyError::Malformed { .. }), "{err:?}");
     let shown = err.to_string();
     assert!(shown.len() <= MAX_REASON + 100, "{} bytes", shown.len());
