@@ -8,8 +8,9 @@
 use super::model::untrusted;
 
 /// Deeper nesting is refused. PostgreSQL's parser recurses until its stack limit (100,000
-/// levels failed with the default 2 MB), SQLite's JSON functions stop at 1,000 and
-/// serde_json at 128; well within all three, `raw` stays readable by each.
+/// levels failed with the default 2 MB), SQLite's JSON functions stop at 1,000 (2,000 before
+/// 3.45) and serde_json's default recursion limit is 128; well within all three, `raw` stays
+/// readable by each.
 pub const MAX_DEPTH: usize = 100;
 
 /// PostgreSQL stores JSON numbers as `numeric` and writes them out in full (`1e3` is `1000`):
