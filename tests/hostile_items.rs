@@ -54,7 +54,11 @@ impl Mirror {
             items.join(","),
             items.len()
         );
-        let page = parse_page(body.as_bytes()).map_err(|e| e.to_string())?;
+        self.write_body(body.as_bytes()).await
+    }
+
+    async fn write_body(&self, body: &[u8]) -> Result<Page, String> {
+        let page = parse_page(body).map_err(|e| e.to_string())?;
         let run = self.store.begin_run("backfill", None).await.unwrap();
         self.store
             .write_page(&PageWrite {
@@ -178,6 +182,25 @@ async fn what_postgresql_refused_is_rejected_alone(backend: Backend) {
         assert_eq!(page.rejected.len(), 1, "{backend:?}: {}", &bad[..40]);
         mirror.assert_holds_exactly(&page).await;
     }
+}
+
+/// serde_json refused a whole body for one byte that is not UTF-8, so every pass failed there.
+async fn an_item_that_is_not_utf8_is_rejected_alone(backend: Backend) {
+    let mirror = Mirror::new(backend).await;
+    let at = "2025-03-01T00:00:00Z";
+    let mut body = format!(r#"{{"data":[{},"#, item("before", at, "")).into_bytes();
+    // `café` in Latin-1.
+    let latin1 = item("latin-1", at, r#","x":"caf@""#);
+    body.extend(latin1.bytes().map(|b| if b == b'@' { 0xE9 } else { b }));
+    let end = format!(
+        r#",{}],"hasNext":false,"totalCount":3}}"#,
+        item("after", at, "")
+    );
+    body.extend_from_slice(end.as_bytes());
+    let page = mirror.write_body(&body).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert_eq!(page.rejected.len(), 1);
+    mirror.assert_holds_exactly(&page).await;
 }
 
 /// `9999-12-31T23:59:59-00:01` is year 10000 in UTC: converting it panicked, which killed the
@@ -468,6 +491,7 @@ async fn a_malformed_response_gives_a_bounded_error() {
 on_both_backends!(
     what_postgresql_refused_is_rejected_alone,
     an_instant_past_year_9999_in_utc_is_rejected_not_a_panic,
+    an_item_that_is_not_utf8_is_rejected_alone,
     the_same_rejected_item_twice_in_a_batch,
     the_limits_themselves_are_stored_exactly,
     the_largest_item_allowed_is_stored,

@@ -4,6 +4,8 @@
 //! first split into raw JSON items and each item is parsed on its own: one malformed item becomes a
 //! [`Rejected`] with its raw text and a reason, and never takes the rest of the page down with it.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
@@ -73,22 +75,53 @@ struct RawPage<'a> {
 /// Parses a response body. Only a broken envelope is an error; each item that cannot be
 /// understood or stored becomes a [`Rejected`].
 pub fn parse_page(body: &[u8]) -> Result<Page, serde_json::Error> {
-    serde_json::from_slice::<RawPage>(body).map(RawPage::into_page)
+    // serde_json refuses a whole body for one byte that is not UTF-8: one such item would fail
+    // every pass at the same page. Each invalid sequence is read as U+FFFD instead, and the
+    // items holding one are rejected, kept as read.
+    let mut replaced = Vec::new();
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => {
+            let mut text = String::with_capacity(body.len());
+            for chunk in body.utf8_chunks() {
+                text.push_str(chunk.valid());
+                if !chunk.invalid().is_empty() {
+                    replaced.push(text.len());
+                    text.push(char::REPLACEMENT_CHARACTER);
+                }
+            }
+            Cow::Owned(text)
+        }
+    };
+    let page: RawPage = serde_json::from_str(&text)?;
+    Ok(page.into_page(|raw| {
+        let start = raw.as_ptr() as usize - text.as_ptr() as usize;
+        replaced
+            .iter()
+            .any(|at| (start..start + raw.len()).contains(at))
+    }))
 }
 
 impl RawPage<'_> {
-    fn into_page(self) -> Page {
+    /// `not_utf8` says whether an item's text stands where the body was not UTF-8.
+    fn into_page(self, not_utf8: impl Fn(&str) -> bool) -> Page {
         let mut items = Vec::with_capacity(self.data.len());
         let mut positions = Vec::with_capacity(self.data.len());
         let mut rejected = Vec::new();
         for (position, raw) in self.data.into_iter().enumerate() {
-            match parse_item(raw.get()) {
+            let raw = raw.get();
+            let parsed = if not_utf8(raw) {
+                Err("holds bytes that are not UTF-8 (kept here as U+FFFD)".to_owned())
+            } else {
+                parse_item(raw)
+            };
+            match parsed {
                 Ok(item) => {
                     items.push(item);
                     positions.push(position);
                 }
                 Err(reason) => rejected.push(Rejected {
-                    raw: raw.get().to_owned(),
+                    raw: raw.to_owned(),
                     reason,
                     position,
                 }),
@@ -463,5 +496,29 @@ mod tests {
             !err.contains('\n') && err.contains("\\nERROR forged"),
             "{err}"
         );
+    }
+
+    /// One item with a byte that is not UTF-8 made the whole body unreadable, on every pass.
+    #[test]
+    fn an_item_that_is_not_utf8_is_rejected_alone() {
+        let body = b"{\"data\":[{\"id\":\"1\",\"updated_at\":\"2024-01-15T14:30:00Z\"},\
+            {\"id\":\"2\",\"updated_at\":\"2024-01-15T14:30:00Z\",\"x\":\"a\xff\xfeb\"},\
+            {\"id\":\"3\",\"updated_at\":\"2024-01-15T14:30:00Z\",\"x\":\"\xef\xbf\xbd\"}],\
+            \"hasNext\":false,\"totalCount\":3}";
+        let page = parse_page(body).unwrap();
+        let ids: Vec<&str> = page.items.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["1", "3"],
+            "a U+FFFD that was served is text like any other"
+        );
+        assert_eq!(page.rejected.len(), 1);
+        assert_eq!(page.rejected[0].position, 1);
+        assert!(
+            page.rejected[0].raw.contains("a\u{fffd}\u{fffd}b"),
+            "{:?}",
+            page.rejected[0]
+        );
+        assert!(page.rejected[0].reason.contains("not UTF-8"));
     }
 }
