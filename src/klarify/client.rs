@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use url::Url;
 
-use super::model::{format_instant, Page, RawPage};
+use super::model::{capped, format_instant, parse_page, Page};
 
 /// How the client talks to Klarify; built from the `klarify` config section.
 #[derive(Debug, Clone)]
@@ -306,11 +306,15 @@ impl KlarifyClient {
             });
         }
         let body = self.read_capped(response).await?;
-        let page: RawPage = serde_json::from_slice(&body).map_err(|e| KlarifyError::Malformed {
-            reason: e.to_string(),
-            attempts: 1,
-        })?;
-        Ok(page.into_page())
+        // serde quotes what it was served: a megabyte-long string would be a megabyte-long
+        // error, in every log line, `sync_runs.error` and `/readyz`.
+        parse_page(&body).map_err(|e| {
+            KlarifyError::Malformed {
+                reason: capped(&e.to_string()),
+                attempts: 1,
+            }
+            .into()
+        })
     }
 
     /// Reads the body, refusing to buffer more than `max_body_bytes`.

@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
 use crate::config::{database_kind, DatabaseKind};
-use crate::klarify::{format_instant, parse_instant, Procedure, Rejected};
+use crate::klarify::{format_instant, parse_instant, untrusted, Procedure, Rejected};
 
 /// What differs between the backends.
 pub(crate) struct Dialect {
@@ -417,7 +417,11 @@ impl Store {
             }
         }
         if !page.rejected.is_empty() {
-            let rejected: Vec<RejectRow> = page.rejected.iter().map(RejectRow::new).collect();
+            // One batch may hold an item twice (re-read pages), and PostgreSQL's upsert refuses
+            // to touch one row twice in a statement: that failed the batch on every pass.
+            let mut rejected: Vec<RejectRow> = page.rejected.iter().map(RejectRow::new).collect();
+            let mut distinct = std::collections::HashSet::new();
+            rejected.retain(|r| distinct.insert(r.raw_hash.clone()));
             let upsert = sqlx::query_as(d.upsert_rejected)
                 .bind(json(&rejected))
                 .bind(&now);
@@ -427,7 +431,7 @@ impl Store {
                 if let Some(r) = rejected.iter().find(|r| &r.raw_hash == hash) {
                     tracing::warn!(
                         reason = r.reason,
-                        raw = r.raw,
+                        raw = %untrusted(r.raw),
                         "Klarify served an item that cannot be understood; kept in rejected_items"
                     );
                     stats.new_rejected += 1;
@@ -941,7 +945,7 @@ fn now_text() -> String {
 }
 
 fn parse_stored(s: &str) -> Result<OffsetDateTime, StoreError> {
-    parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+    parse_instant(s).map_err(|e| StoreError::Corrupt(format!("timestamp {}: {e}", untrusted(s))))
 }
 
 /// PostgreSQL's `lock_not_available`, which `lock_timeout` raises.
