@@ -215,7 +215,9 @@ impl Settings {
             ));
         }
         if let Some(url) = &self.database.url {
-            database_kind(url.expose_secret())?;
+            if database_kind(url.expose_secret())? == DatabaseKind::Postgres {
+                check_postgres_parameters(url.expose_secret())?;
+            }
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -274,6 +276,62 @@ impl Settings {
 pub enum DatabaseKind {
     Sqlite,
     Postgres,
+}
+
+/// The query parameters of a database URL whose values are not secret, so messages may show
+/// them: what sqlx 0.8's PostgreSQL (`sqlx-postgres` options/parse.rs) and SQLite drivers
+/// understand, less `password`. Everything else is redacted.
+pub const SHOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+    "options",
+    "mode",
+    "cache",
+    "immutable",
+    "vfs",
+];
+
+/// Whether a (decoded) query parameter of a database URL may be shown; `options[NAME]` sets a
+/// server option, like `options`.
+pub fn url_parameter_is_shown(key: &str) -> bool {
+    SHOWN_URL_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'))
+}
+
+/// sqlx's PostgreSQL driver logs the value of a parameter it does not know (at WARN, so with
+/// the default filter) before connecting: a `sslpassword=...` would be written to the log.
+/// Refusing unknown parameters at start, naming only the key, keeps their values out.
+fn check_postgres_parameters(url: &str) -> Result<(), ConfigError> {
+    let Ok(parsed) = Url::parse(url) else {
+        return Err(invalid(
+            "database.url",
+            "is not a valid URL (e.g. postgres://user@host/db?sslmode=verify-full)",
+        ));
+    };
+    for (key, _) in parsed.query_pairs() {
+        if key != "password" && !url_parameter_is_shown(&key) {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "has the query parameter `{key}`, which the PostgreSQL driver does not support (it would be ignored); remove it"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn database_kind(url: &str) -> Result<DatabaseKind, ConfigError> {
@@ -410,6 +468,10 @@ mod tests {
                 "base_url",
             ),
             (&[("DATABASE_URL", "mysql://x")], "database.url"),
+            (
+                &[("DATABASE_URL", "postgres://u@h/db?sslpassword=x")],
+                "`sslpassword`",
+            ),
             (
                 &[("KLARIFY_SYNC__SCHEDULE__CRON", "every now and then")],
                 "schedule.cron",

@@ -13,6 +13,8 @@ use klarify_sync::store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const KEY: &str = "sekrit-key-4711";
+/// A database password: no output of any test may show it either.
+const DB_PASSWORD: &str = "db-pw-5150";
 
 async fn fake(n: usize) -> FakeKlarify {
     let opts = FakeOptions {
@@ -74,12 +76,14 @@ async fn run(env: Vec<(String, String)>, args: &[&str]) -> Output {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
-    assert!(
-        !output.stdout.contains(KEY) && !output.stderr.contains(KEY),
-        "the access key was printed:\n{}\n{}",
-        output.stdout,
-        output.stderr
-    );
+    for secret in [KEY, DB_PASSWORD] {
+        assert!(
+            !output.stdout.contains(secret) && !output.stderr.contains(secret),
+            "{secret} was printed:\n{}\n{}",
+            output.stdout,
+            output.stderr
+        );
+    }
     output
 }
 
@@ -237,7 +241,7 @@ impl Daemon {
     async fn wait_for(&mut self, message: &str) -> serde_json::Value {
         let read = async {
             while let Some(line) = self.lines.next_line().await.unwrap() {
-                assert!(!line.contains(KEY), "the key was logged: {line}");
+                assert_no_secret_in(&line);
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["message"] == message {
                         return v;
@@ -255,7 +259,11 @@ impl Daemon {
         let pid = self.child.id().unwrap() as i32;
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let drain = async { while let Ok(Some(_)) = self.lines.next_line().await {} };
+        let drain = async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                assert_no_secret_in(&line);
+            }
+        };
         let (status, ()) = tokio::time::timeout(Duration::from_secs(10), async {
             tokio::join!(self.child.wait(), drain)
         })
@@ -263,6 +271,13 @@ impl Daemon {
         .expect("the daemon did not stop within 10s of SIGTERM");
         status.unwrap()
     }
+}
+
+fn assert_no_secret_in(line: &str) {
+    assert!(
+        !line.contains(KEY) && !line.contains(DB_PASSWORD),
+        "a secret was logged: {line}"
+    );
 }
 
 async fn get(addr: &str, path: &str) -> (u16, String) {
@@ -483,4 +498,93 @@ async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
     set(&mut env, "KLARIFY_SYNC__LOG__FILTER", "warn");
     let quiet = run(env, &["--once"]).await;
     assert!(quiet.ok && quiet.stdout.is_empty(), "{}", quiet.stdout);
+}
+
+/// Every spelling in which sqlx takes a PostgreSQL password (userinfo, `password=`, the key
+/// percent-encoded, a parameter sqlx does not know and would log), and a SQLite URL given one,
+/// for a database that does not exist: no mode's stdout or stderr, no log line and no `/readyz`
+/// answer shows the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_password_never_shows_when_the_database_fails() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A server that answers (a refused connection is retried for 10 s), without the database.
+    let mut missing = url::Url::parse(&common::pg::fresh_database().await).unwrap();
+    missing.set_path("/no_such_database");
+    let with_query = |query: &str| {
+        let mut url = missing.clone();
+        let query = [url.query(), Some(query)].into_iter().flatten();
+        url.set_query(Some(&query.collect::<Vec<_>>().join("&")));
+        url.to_string()
+    };
+    let mut userinfo = missing.clone();
+    userinfo.set_password(Some(DB_PASSWORD)).unwrap();
+    let urls = [
+        userinfo.to_string(),
+        with_query(&format!("password={DB_PASSWORD}")),
+        with_query(&format!("pass%77ord={DB_PASSWORD}")),
+        with_query(&format!("sslpassword={DB_PASSWORD}")),
+        format!(
+            "sqlite://{}?password={DB_PASSWORD}",
+            dir.path().join("m.db").display()
+        ),
+    ];
+    for url in urls {
+        let mut env = env_for(&fake, &dir);
+        set(&mut env, "DATABASE_URL", &url);
+        for args in [&["--once"][..], &["status"]] {
+            let out = run(env.clone(), args).await;
+            assert!(!out.ok, "{url} {args:?}: {}", out.stdout);
+            assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        }
+        if url.contains("sslpassword") {
+            continue; // refused at start, before the daemon would serve anything
+        }
+        let mut daemon = Daemon::spawn(env, &[], &dir);
+        let addr = daemon
+            .wait_for("serving /healthz, /readyz and /metrics")
+            .await["addr"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        daemon.wait_for("cannot open the database").await;
+        let (status, body) = get(&addr, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("cannot open the database"), "{body}");
+        assert_no_secret_in(&body);
+        assert!(daemon.terminate().await.success());
+    }
+}
+
+/// A database that works, reached with `?password=` (the test server trusts local connections,
+/// so the password is sent nowhere): the logs of a failed and a good pass, `status` and the
+/// recorded errors in `sync_runs` never show it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_password_never_shows_when_the_database_works() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::pg::fresh_database().await;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{separator}password={DB_PASSWORD}");
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "DATABASE_URL", &url);
+    let mut wrong_key = env.clone();
+    set(&mut wrong_key, "KLARIFY_ACCESS_KEY", "not-the-key");
+    assert!(!run(wrong_key, &["--once"]).await.ok);
+    let out = run(env.clone(), &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("sync pass succeeded"), "{}", out.stdout);
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = run(env.clone(), args).await;
+        assert!(
+            out.stdout.contains("rejected the access key"),
+            "{}",
+            out.stdout
+        );
+    }
+    let url = url.into();
+    let errors = "SELECT COUNT(*) FROM sync_runs WHERE error IS NOT NULL";
+    assert_eq!(common::scalar(&url, errors).await, 1);
+    let leaks = format!("{errors} AND error LIKE '%{DB_PASSWORD}%'");
+    assert_eq!(common::scalar(&url, &leaks).await, 0);
 }
