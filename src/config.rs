@@ -155,7 +155,7 @@ impl Settings {
     fn with_key_file(mut self, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         if self.klarify.access_key.is_none() {
             if let Some(path) = env.get("KLARIFY_ACCESS_KEY_FILE") {
-                let key = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let key = read_key_file(Path::new(path)).map_err(|source| ConfigError::Read {
                     path: path.into(),
                     source,
                 })?;
@@ -269,6 +269,49 @@ impl Settings {
             max_requests_per_second: k.max_requests_per_second,
         }
     }
+}
+
+/// A key file larger than this is not a key file.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// Reads a key file, which must be a regular file of at most [`MAX_KEY_FILE_BYTES`]: reading a
+/// FIFO would block start-up until someone writes to it, and `/dev/zero` would fill memory. The
+/// file is opened without blocking and its type checked on the open descriptor, so swapping the
+/// path for something else between a check and the read changes nothing.
+fn read_key_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let not_a_key = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}; KLARIFY_ACCESS_KEY_FILE must name a regular file of at most {MAX_KEY_FILE_BYTES} bytes holding the key"),
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        let kind = meta.file_type();
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(not_a_key(what.to_owned()));
+    }
+    let mut key = String::new();
+    file.take(MAX_KEY_FILE_BYTES + 1).read_to_string(&mut key)?;
+    if key.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(not_a_key("larger than a key".to_owned()));
+    }
+    Ok(key)
 }
 
 /// The two backends, told apart by the URL's scheme.
@@ -437,6 +480,32 @@ mod tests {
         std::fs::write(&path, "from-file\n").unwrap();
         let s = load(&[("KLARIFY_ACCESS_KEY_FILE", path.to_str().unwrap())]).unwrap();
         assert_eq!(s.klarify.access_key.unwrap().expose_secret(), "from-file");
+    }
+
+    /// A FIFO (which would block start-up), a device (endless), a directory and an oversized
+    /// file are each refused with an error that names the variable, without hanging.
+    #[test]
+    fn the_key_file_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo only reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let big = dir.path().join("big");
+        std::fs::write(&big, "k".repeat(5000)).unwrap();
+        for path in [fifo, "/dev/zero".into(), dir.path().to_owned(), big] {
+            let shown = path.display().to_string();
+            let (done, result) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done.send(load(&[("KLARIFY_ACCESS_KEY_FILE", shown.as_str())]).map(|_| ()));
+            });
+            let err = result
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("reading {} did not return", path.display()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("KLARIFY_ACCESS_KEY_FILE"), "{err}");
+        }
     }
 
     #[test]
