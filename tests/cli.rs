@@ -588,3 +588,30 @@ async fn a_database_password_never_shows_when_the_database_works() {
     let leaks = format!("{errors} AND error LIKE '%{DB_PASSWORD}%'");
     assert_eq!(common::scalar(&url, &leaks).await, 0);
 }
+
+/// With a plain-http (loopback) API, a proxy from the environment would see the access key in
+/// clear text: klarify-sync goes direct, and the proxy is never contacted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_http_api_is_never_reached_through_a_proxy() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let contacted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let contacted = contacted.clone();
+        async move {
+            while proxy.accept().await.is_ok() {
+                contacted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let mut env = env_for(&fake, &dir);
+    for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        set(&mut env, var, &proxy_url);
+    }
+    let out = run(env, &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(contacted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_same(&mirror(&dir).await, &source_of(&fake));
+}
