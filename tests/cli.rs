@@ -615,3 +615,23 @@ async fn a_plain_http_api_is_never_reached_through_a_proxy() {
     assert_eq!(contacted.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_same(&mirror(&dir).await, &source_of(&fake));
 }
+
+/// `KLARIFY_SYNC_CONFIG` names the `--config` file, for platforms that mount a config file
+/// but do not change the command line.
+#[tokio::test(flavor = "multi_thread")]
+async fn klarify_sync_config_names_the_config_file() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("klarify-sync.toml");
+    std::fs::write(
+        &file,
+        format!("[klarify]\nbase_url = \"{}\"\n", fake.base_url()),
+    )
+    .unwrap();
+    let mut env = env_for(&fake, &dir);
+    env.retain(|(k, _)| k != "KLARIFY_SYNC__KLARIFY__BASE_URL");
+    set(&mut env, "KLARIFY_SYNC_CONFIG", file.to_str().unwrap());
+    let out = run(env, &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_same(&mirror(&dir).await, &source_of(&fake));
+}
