@@ -12,10 +12,11 @@ ARG RUST_VERSION=1.95
 # -bookworm so that the binary links against the same glibc as the runtime image.
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 WORKDIR /build
-# Only what the build reads (.dockerignore keeps the rest out): the manifests, the sources,
-# the migrations (embedded by sqlx::migrate!; build.rs rebuilds when they change) and
-# config/default.toml (embedded by include_str!).
+# Only what the build reads (.dockerignore keeps the rest out): the manifests, the stand-in
+# that Cargo.toml's [patch] names, the sources, the migrations (embedded by sqlx::migrate!;
+# build.rs rebuilds when they change) and config/default.toml (embedded by include_str!).
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY patches ./patches
 COPY migrations ./migrations
 COPY config ./config
 COPY src ./src
