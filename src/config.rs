@@ -104,6 +104,30 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// A TOML syntax error quotes the offending line, which may be the one holding the database
+/// password: keep the position and the complaint, drop the quote.
+fn without_quoted_lines(error: config::ConfigError) -> config::ConfigError {
+    match error {
+        config::ConfigError::FileParse { uri, cause } => {
+            let text = cause.to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let position = lines.next().unwrap_or_default().to_owned();
+            let complaint = lines
+                .last()
+                .filter(|l| !l.starts_with('|') && !l.starts_with('^'));
+            config::ConfigError::FileParse {
+                uri,
+                cause: match complaint {
+                    Some(complaint) => format!("{position}: {complaint}"),
+                    None => position,
+                }
+                .into(),
+            }
+        }
+        other => other,
+    }
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -146,7 +170,8 @@ impl Settings {
                     .try_parsing(true)
                     .source(Some(env.clone())),
             )
-            .build()?
+            .build()
+            .map_err(without_quoted_lines)?
             .try_deserialize()?;
         settings.with_key_file(env)
     }
@@ -471,6 +496,22 @@ mod tests {
         assert_eq!(s.klarify.page_size, 30);
         let missing = Settings::load(Some(&dir.path().join("nope.toml")), &env(&[])).unwrap_err();
         assert!(missing.to_string().contains("nope.toml"), "{missing}");
+    }
+
+    /// A typo on the line that holds a password: the error says where, without quoting it.
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extra.toml");
+        std::fs::write(&path, "[database]\nurl = \"postgres://u:hunter2@h/db\n").unwrap();
+        let err = Settings::load(Some(&path), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("extra.toml"),
+            "{err}"
+        );
     }
 
     #[test]
