@@ -112,9 +112,8 @@ fn without_quoted_lines(error: config::ConfigError) -> config::ConfigError {
             let text = cause.to_string();
             let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
             let position = lines.next().unwrap_or_default().to_owned();
-            let complaint = lines
-                .last()
-                .filter(|l| !l.starts_with('|') && !l.starts_with('^'));
+            // The quote is the lines with a `|` gutter, and the caret under it.
+            let complaint = lines.rfind(|l| !l.contains('|') && !l.starts_with('^'));
             config::ConfigError::FileParse {
                 uri,
                 cause: match complaint {
