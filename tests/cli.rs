@@ -237,6 +237,14 @@ impl Daemon {
         Self { child, lines }
     }
 
+    /// Waits until the HTTP endpoints are served; returns their address.
+    async fn serving(&mut self) -> String {
+        let line = self
+            .wait_for("serving /healthz, /readyz and /metrics")
+            .await;
+        line["addr"].as_str().unwrap().to_owned()
+    }
+
     /// Reads log lines until one has `message`; returns it as JSON.
     async fn wait_for(&mut self, message: &str) -> serde_json::Value {
         let read = async {
@@ -290,12 +298,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     let fake = fake(120).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(env_for(&fake, &dir), &[], &dir);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving().await;
     let scheduled = daemon.wait_for("scheduled").await;
     assert_eq!(scheduled["cron"], "0 */5 * * * *");
     assert!(
@@ -347,12 +350,7 @@ async fn the_daemon_reports_a_rejected_key_in_readyz_and_keeps_running() {
     let mut env = env_for(&fake, &dir);
     set(&mut env, "KLARIFY_ACCESS_KEY", "not-the-key");
     let mut daemon = Daemon::spawn(env, &[], &dir);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving().await;
     daemon.wait_for("sync pass failed").await;
     let (status, body) = get(&addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -377,12 +375,7 @@ async fn the_demo_runs_without_a_key_or_network() {
         ),
     ];
     let mut demo = Daemon::spawn(env, &["--demo"], &dir);
-    let addr = demo
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = demo.serving().await;
     demo.wait_for("sync pass succeeded").await;
     assert_eq!(get(&addr, "/readyz").await.0, 200);
     assert!(mirror(&dir).await.len() >= 250);
@@ -532,7 +525,12 @@ async fn a_database_password_never_shows_when_the_database_fails() {
     for url in urls {
         let mut env = env_for(&fake, &dir);
         set(&mut env, "DATABASE_URL", &url);
-        for args in [&["--once"][..], &["status"]] {
+        for args in [
+            &["--once"][..],
+            &["--backfill"],
+            &["status"],
+            &["status", "--json"],
+        ] {
             let out = run(env.clone(), args).await;
             assert!(!out.ok, "{url} {args:?}: {}", out.stdout);
             assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
@@ -541,12 +539,7 @@ async fn a_database_password_never_shows_when_the_database_fails() {
             continue; // refused at start, before the daemon would serve anything
         }
         let mut daemon = Daemon::spawn(env, &[], &dir);
-        let addr = daemon
-            .wait_for("serving /healthz, /readyz and /metrics")
-            .await["addr"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let addr = daemon.serving().await;
         daemon.wait_for("cannot open the database").await;
         let (status, body) = get(&addr, "/readyz").await;
         assert_eq!(status, 503, "{body}");
