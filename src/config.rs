@@ -348,7 +348,7 @@ pub enum DatabaseKind {
 /// The query parameters of a database URL whose values are not secret, so messages may show
 /// them: what sqlx 0.8's PostgreSQL (`sqlx-postgres` options/parse.rs) and SQLite drivers
 /// understand, less `password`. Everything else is redacted.
-pub const SHOWN_URL_PARAMETERS: &[&str] = &[
+const SHOWN_URL_PARAMETERS: &[&str] = &[
     "sslmode",
     "ssl-mode",
     "sslrootcert",
