@@ -12,10 +12,11 @@ ARG RUST_VERSION=1.95
 # -bookworm so that the binary links against the same glibc as the runtime image.
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 WORKDIR /build
-# Only what the build reads (.dockerignore keeps the rest out): the manifests, the sources,
-# the migrations (embedded by sqlx::migrate!; build.rs rebuilds when they change) and
-# config/default.toml (embedded by include_str!).
+# Only what the build reads (.dockerignore keeps the rest out): the manifests, the stand-in
+# that Cargo.toml's [patch] names, the sources, the migrations (embedded by sqlx::migrate!;
+# build.rs rebuilds when they change) and config/default.toml (embedded by include_str!).
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY patches ./patches
 COPY migrations ./migrations
 COPY config ./config
 COPY src ./src
@@ -45,9 +46,14 @@ RUN apt-get update \
 
 COPY --from=builder /out/klarify-sync /usr/local/bin/klarify-sync
 
-# The working directory is the data directory: the default SQLite file, its WAL and lock files
-# land here, and so would an optional ./config/default.toml. Everything else can be read-only.
-WORKDIR /data
+# The working directory holds the image's own ./config/default.toml (the built-in defaults,
+# owned by root, not writable by the service). It is not the data volume: whoever can write
+# the volume could otherwise drop a config/default.toml there that points klarify.base_url at
+# their own host and receive the access key. Extra settings: `--config FILE` or
+# KLARIFY_SYNC_CONFIG=FILE (mounted read-only), or KLARIFY_SYNC__* variables.
+WORKDIR /app
+COPY config/default.toml /app/config/default.toml
+# Only the SQLite file, its WAL and its lock files are written, all under /data.
 VOLUME ["/data"]
 ENV KLARIFY_SYNC__HTTP__LISTEN=0.0.0.0:8080 \
     DATABASE_URL=sqlite:///data/klarify.db

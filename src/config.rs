@@ -107,6 +107,29 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// A TOML syntax error quotes the offending line, which may be the one holding the database
+/// password: keep the position and the complaint, drop the quote.
+fn without_quoted_lines(error: config::ConfigError) -> config::ConfigError {
+    match error {
+        config::ConfigError::FileParse { uri, cause } => {
+            let text = cause.to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let position = lines.next().unwrap_or_default().to_owned();
+            // The quote is the lines with a `|` gutter, and the caret under it.
+            let complaint = lines.rfind(|l| !l.contains('|') && !l.starts_with('^'));
+            config::ConfigError::FileParse {
+                uri,
+                cause: match complaint {
+                    Some(complaint) => format!("{position}: {complaint}"),
+                    None => position,
+                }
+                .into(),
+            }
+        }
+        other => other,
+    }
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -149,7 +172,8 @@ impl Settings {
                     .try_parsing(true)
                     .source(Some(env.clone())),
             )
-            .build()?
+            .build()
+            .map_err(without_quoted_lines)?
             .try_deserialize()?;
         settings.with_key_file(env)
     }
@@ -158,7 +182,7 @@ impl Settings {
     fn with_key_file(mut self, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         if self.klarify.access_key.is_none() {
             if let Some(path) = env.get("KLARIFY_ACCESS_KEY_FILE") {
-                let key = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let key = read_key_file(Path::new(path)).map_err(|source| ConfigError::Read {
                     path: path.into(),
                     source,
                 })?;
@@ -218,7 +242,9 @@ impl Settings {
             ));
         }
         if let Some(url) = &self.database.url {
-            database_kind(url.expose_secret())?;
+            if database_kind(url.expose_secret())? == DatabaseKind::Postgres {
+                check_postgres_parameters(url.expose_secret())?;
+            }
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -280,11 +306,110 @@ impl Settings {
     }
 }
 
+/// A key file larger than this is not a key file.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// Reads a key file, which must be a regular file of at most [`MAX_KEY_FILE_BYTES`]: reading a
+/// FIFO would block start-up until someone writes to it, and `/dev/zero` would fill memory. The
+/// file is opened without blocking and its type checked on the open descriptor, so swapping the
+/// path for something else between a check and the read changes nothing.
+fn read_key_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let not_a_key = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}; KLARIFY_ACCESS_KEY_FILE must name a regular file of at most {MAX_KEY_FILE_BYTES} bytes holding the key"),
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        let kind = meta.file_type();
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(not_a_key(what.to_owned()));
+    }
+    let mut key = String::new();
+    file.take(MAX_KEY_FILE_BYTES + 1).read_to_string(&mut key)?;
+    if key.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(not_a_key("larger than a key".to_owned()));
+    }
+    Ok(key)
+}
+
 /// The two backends, told apart by the URL's scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseKind {
     Sqlite,
     Postgres,
+}
+
+/// The query parameters of a database URL whose values are not secret, so messages may show
+/// them: what sqlx 0.8's PostgreSQL (`sqlx-postgres` options/parse.rs) and SQLite drivers
+/// understand, less `password`. Everything else is redacted.
+const SHOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+    "options",
+    "mode",
+    "cache",
+    "immutable",
+    "vfs",
+];
+
+/// Whether a (decoded) query parameter of a database URL may be shown; `options[NAME]` sets a
+/// server option, like `options`.
+pub fn url_parameter_is_shown(key: &str) -> bool {
+    SHOWN_URL_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'))
+}
+
+/// sqlx's PostgreSQL driver logs the value of a parameter it does not know (at WARN, so with
+/// the default filter) before connecting: a `sslpassword=...` would be written to the log.
+/// Refusing unknown parameters at start, naming only the key, keeps their values out.
+fn check_postgres_parameters(url: &str) -> Result<(), ConfigError> {
+    let Ok(parsed) = Url::parse(url) else {
+        return Err(invalid(
+            "database.url",
+            "is not a valid URL (e.g. postgres://user@host/db?sslmode=verify-full)",
+        ));
+    };
+    for (key, _) in parsed.query_pairs() {
+        if key != "password" && !url_parameter_is_shown(&key) {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "has the query parameter `{key}`, which the PostgreSQL driver does not support (it would be ignored); remove it"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn database_kind(url: &str) -> Result<DatabaseKind, ConfigError> {
@@ -383,6 +508,22 @@ mod tests {
         assert!(missing.to_string().contains("nope.toml"), "{missing}");
     }
 
+    /// A typo on the line that holds a password: the error says where, without quoting it.
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extra.toml");
+        std::fs::write(&path, "[database]\nurl = \"postgres://u:hunter2@h/db\n").unwrap();
+        let err = Settings::load(Some(&path), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("extra.toml"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_key_can_come_from_a_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -390,6 +531,32 @@ mod tests {
         std::fs::write(&path, "from-file\n").unwrap();
         let s = load(&[("KLARIFY_ACCESS_KEY_FILE", path.to_str().unwrap())]).unwrap();
         assert_eq!(s.klarify.access_key.unwrap().expose_secret(), "from-file");
+    }
+
+    /// A FIFO (which would block start-up), a device (endless), a directory and an oversized
+    /// file are each refused with an error that names the variable, without hanging.
+    #[test]
+    fn the_key_file_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo only reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let big = dir.path().join("big");
+        std::fs::write(&big, "k".repeat(5000)).unwrap();
+        for path in [fifo, "/dev/zero".into(), dir.path().to_owned(), big] {
+            let shown = path.display().to_string();
+            let (done, result) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done.send(load(&[("KLARIFY_ACCESS_KEY_FILE", shown.as_str())]).map(|_| ()));
+            });
+            let err = result
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("reading {} did not return", path.display()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("KLARIFY_ACCESS_KEY_FILE"), "{err}");
+        }
     }
 
     #[test]
@@ -421,6 +588,10 @@ mod tests {
                 "base_url",
             ),
             (&[("DATABASE_URL", "mysql://x")], "database.url"),
+            (
+                &[("DATABASE_URL", "postgres://u@h/db?sslpassword=x")],
+                "`sslpassword`",
+            ),
             (
                 &[("KLARIFY_SYNC__SCHEDULE__CRON", "every now and then")],
                 "schedule.cron",

@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long)]
     demo: bool,
     /// An extra TOML file layered over the defaults (the environment still wins).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "KLARIFY_SYNC_CONFIG")]
     config: Option<PathBuf>,
 }
 

@@ -13,6 +13,8 @@ use klarify_sync::store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const KEY: &str = "sekrit-key-4711";
+/// A database password: no output of any test may show it either.
+const DB_PASSWORD: &str = "db-pw-5150";
 
 async fn fake(n: usize) -> FakeKlarify {
     let opts = FakeOptions {
@@ -74,12 +76,14 @@ async fn run(env: Vec<(String, String)>, args: &[&str]) -> Output {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
-    assert!(
-        !output.stdout.contains(KEY) && !output.stderr.contains(KEY),
-        "the access key was printed:\n{}\n{}",
-        output.stdout,
-        output.stderr
-    );
+    for secret in [KEY, DB_PASSWORD] {
+        assert!(
+            !output.stdout.contains(secret) && !output.stderr.contains(secret),
+            "{secret} was printed:\n{}\n{}",
+            output.stdout,
+            output.stderr
+        );
+    }
     output
 }
 
@@ -233,11 +237,19 @@ impl Daemon {
         Self { child, lines }
     }
 
+    /// Waits until the HTTP endpoints are served; returns their address.
+    async fn serving(&mut self) -> String {
+        let line = self
+            .wait_for("serving /healthz, /readyz and /metrics")
+            .await;
+        line["addr"].as_str().unwrap().to_owned()
+    }
+
     /// Reads log lines until one has `message`; returns it as JSON.
     async fn wait_for(&mut self, message: &str) -> serde_json::Value {
         let read = async {
             while let Some(line) = self.lines.next_line().await.unwrap() {
-                assert!(!line.contains(KEY), "the key was logged: {line}");
+                assert_no_secret_in(&line);
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["message"] == message {
                         return v;
@@ -255,7 +267,11 @@ impl Daemon {
         let pid = self.child.id().unwrap() as i32;
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let drain = async { while let Ok(Some(_)) = self.lines.next_line().await {} };
+        let drain = async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                assert_no_secret_in(&line);
+            }
+        };
         let (status, ()) = tokio::time::timeout(Duration::from_secs(10), async {
             tokio::join!(self.child.wait(), drain)
         })
@@ -263,6 +279,13 @@ impl Daemon {
         .expect("the daemon did not stop within 10s of SIGTERM");
         status.unwrap()
     }
+}
+
+fn assert_no_secret_in(line: &str) {
+    assert!(
+        !line.contains(KEY) && !line.contains(DB_PASSWORD),
+        "a secret was logged: {line}"
+    );
 }
 
 async fn get(addr: &str, path: &str) -> (u16, String) {
@@ -275,12 +298,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     let fake = fake(120).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(env_for(&fake, &dir), &[], &dir);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving().await;
     let scheduled = daemon.wait_for("scheduled").await;
     assert_eq!(scheduled["cron"], "0 */5 * * * *");
     assert!(
@@ -332,12 +350,7 @@ async fn the_daemon_reports_a_rejected_key_in_readyz_and_keeps_running() {
     let mut env = env_for(&fake, &dir);
     set(&mut env, "KLARIFY_ACCESS_KEY", "not-the-key");
     let mut daemon = Daemon::spawn(env, &[], &dir);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving().await;
     daemon.wait_for("sync pass failed").await;
     let (status, body) = get(&addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -362,12 +375,7 @@ async fn the_demo_runs_without_a_key_or_network() {
         ),
     ];
     let mut demo = Daemon::spawn(env, &["--demo"], &dir);
-    let addr = demo
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = demo.serving().await;
     demo.wait_for("sync pass succeeded").await;
     assert_eq!(get(&addr, "/readyz").await.0, 200);
     assert!(mirror(&dir).await.len() >= 250);
@@ -483,4 +491,140 @@ async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
     set(&mut env, "KLARIFY_SYNC__LOG__FILTER", "warn");
     let quiet = run(env, &["--once"]).await;
     assert!(quiet.ok && quiet.stdout.is_empty(), "{}", quiet.stdout);
+}
+
+/// Every spelling in which sqlx takes a PostgreSQL password (userinfo, `password=`, the key
+/// percent-encoded, a parameter sqlx does not know and would log), and a SQLite URL given one,
+/// for a database that does not exist: no mode's stdout or stderr, no log line and no `/readyz`
+/// answer shows the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_password_never_shows_when_the_database_fails() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A server that answers (a refused connection is retried for 10 s), without the database.
+    let mut missing = url::Url::parse(&common::pg::fresh_database().await).unwrap();
+    missing.set_path("/no_such_database");
+    let with_query = |query: &str| {
+        let mut url = missing.clone();
+        let query = [url.query(), Some(query)].into_iter().flatten();
+        url.set_query(Some(&query.collect::<Vec<_>>().join("&")));
+        url.to_string()
+    };
+    let mut userinfo = missing.clone();
+    userinfo.set_password(Some(DB_PASSWORD)).unwrap();
+    let urls = [
+        userinfo.to_string(),
+        with_query(&format!("password={DB_PASSWORD}")),
+        with_query(&format!("pass%77ord={DB_PASSWORD}")),
+        with_query(&format!("sslpassword={DB_PASSWORD}")),
+        format!(
+            "sqlite://{}?password={DB_PASSWORD}",
+            dir.path().join("m.db").display()
+        ),
+    ];
+    for url in urls {
+        let mut env = env_for(&fake, &dir);
+        set(&mut env, "DATABASE_URL", &url);
+        for args in [
+            &["--once"][..],
+            &["--backfill"],
+            &["status"],
+            &["status", "--json"],
+        ] {
+            let out = run(env.clone(), args).await;
+            assert!(!out.ok, "{url} {args:?}: {}", out.stdout);
+            assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        }
+        if url.contains("sslpassword") {
+            continue; // refused at start, before the daemon would serve anything
+        }
+        let mut daemon = Daemon::spawn(env, &[], &dir);
+        let addr = daemon.serving().await;
+        daemon.wait_for("cannot open the database").await;
+        let (status, body) = get(&addr, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("cannot open the database"), "{body}");
+        assert_no_secret_in(&body);
+        assert!(daemon.terminate().await.success());
+    }
+}
+
+/// A database that works, reached with `?password=` (the test server trusts local connections,
+/// so the password is sent nowhere): the logs of a failed and a good pass, `status` and the
+/// recorded errors in `sync_runs` never show it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_password_never_shows_when_the_database_works() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::pg::fresh_database().await;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{separator}password={DB_PASSWORD}");
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "DATABASE_URL", &url);
+    let mut wrong_key = env.clone();
+    set(&mut wrong_key, "KLARIFY_ACCESS_KEY", "not-the-key");
+    assert!(!run(wrong_key, &["--once"]).await.ok);
+    let out = run(env.clone(), &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("sync pass succeeded"), "{}", out.stdout);
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = run(env.clone(), args).await;
+        assert!(
+            out.stdout.contains("rejected the access key"),
+            "{}",
+            out.stdout
+        );
+    }
+    let url = url.into();
+    let errors = "SELECT COUNT(*) FROM sync_runs WHERE error IS NOT NULL";
+    assert_eq!(common::scalar(&url, errors).await, 1);
+    let leaks = format!("{errors} AND error LIKE '%{DB_PASSWORD}%'");
+    assert_eq!(common::scalar(&url, &leaks).await, 0);
+}
+
+/// With a plain-http (loopback) API, a proxy from the environment would see the access key in
+/// clear text: klarify-sync goes direct, and the proxy is never contacted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_http_api_is_never_reached_through_a_proxy() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let contacted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let contacted = contacted.clone();
+        async move {
+            while proxy.accept().await.is_ok() {
+                contacted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let mut env = env_for(&fake, &dir);
+    for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        set(&mut env, var, &proxy_url);
+    }
+    let out = run(env, &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(contacted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_same(&mirror(&dir).await, &source_of(&fake));
+}
+
+/// `KLARIFY_SYNC_CONFIG` names the `--config` file, for platforms that mount a config file
+/// but do not change the command line.
+#[tokio::test(flavor = "multi_thread")]
+async fn klarify_sync_config_names_the_config_file() {
+    let fake = fake(10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("klarify-sync.toml");
+    std::fs::write(
+        &file,
+        format!("[klarify]\nbase_url = \"{}\"\n", fake.base_url()),
+    )
+    .unwrap();
+    let mut env = env_for(&fake, &dir);
+    env.retain(|(k, _)| k != "KLARIFY_SYNC__KLARIFY__BASE_URL");
+    set(&mut env, "KLARIFY_SYNC_CONFIG", file.to_str().unwrap());
+    let out = run(env, &["--once"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_same(&mirror(&dir).await, &source_of(&fake));
 }

@@ -142,7 +142,14 @@ impl std::fmt::Debug for KlarifyClient {
 
 impl KlarifyClient {
     pub fn new(settings: ClientSettings) -> Result<Self, KlarifyError> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        // Plain http is allowed only to loopback (tests, --demo). A proxy from HTTP_PROXY or
+        // ALL_PROXY would receive such a request, access key included, in clear text, so it
+        // goes direct. Over https a proxy only tunnels (CONNECT): the key stays inside TLS.
+        if settings.base_url.scheme() == "http" {
+            http = http.no_proxy();
+        }
+        let http = http
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
             .redirect(reqwest::redirect::Policy::none())

@@ -24,7 +24,7 @@ use sqlx::{AnyPool, Executor, Row};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
-use crate::config::{database_kind, DatabaseKind};
+use crate::config::{database_kind, url_parameter_is_shown, DatabaseKind};
 use crate::klarify::{format_instant, parse_instant, untrusted, Procedure, Rejected};
 
 /// What differs between the backends.
@@ -974,16 +974,38 @@ fn explain(e: &sqlx::Error) -> String {
     }
 }
 
-/// The URL with any password replaced, for messages and logs.
+/// The URL with every credential replaced, for messages and logs: the userinfo password, and
+/// the value of every query parameter not known to be harmless (`password=` and anything sqlx
+/// does not understand, however its name is percent-encoded). A fragment is dropped.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "(unparsable URL)".to_owned(),
+    const HIDDEN: &str = "***";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(unparsable URL)".to_owned();
+    };
+    if parsed.password().is_none() && parsed.query().is_none() && parsed.fragment().is_none() {
+        return url.to_owned();
     }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(HIDDEN));
+    }
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(key, value)| {
+            let value = if url_parameter_is_shown(&key) {
+                value.into_owned()
+            } else {
+                HIDDEN.to_owned()
+            };
+            (key.into_owned(), value)
+        })
+        .collect();
+    if pairs.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.set_fragment(None);
+    parsed.to_string()
 }
 
 #[cfg(test)]
@@ -997,6 +1019,32 @@ mod tests {
             "postgres://u:***@h:5/db"
         );
         assert_eq!(redact_url("sqlite://klarify.db"), "sqlite://klarify.db");
+    }
+
+    /// Every place sqlx's PostgreSQL URL parser takes a password from, however it is spelled.
+    #[test]
+    fn passwords_in_query_parameters_are_redacted() {
+        for (url, shown) in [
+            (
+                "postgres://u@h/db?password=hunter2",
+                "postgres://u@h/db?password=***",
+            ),
+            (
+                "postgres://u@h/db?sslmode=verify-full&pass%77ord=hunter2",
+                "postgres://u@h/db?sslmode=verify-full&password=***",
+            ),
+            (
+                "postgres://u:x@h/db?sslpassword=hunter2&application_name=k",
+                "postgres://u:***@h/db?sslpassword=***&application_name=k",
+            ),
+            ("postgres://u@h/db#hunter2", "postgres://u@h/db"),
+            (
+                "sqlite:///data/m.db?mode=rwc&password=hunter2",
+                "sqlite:///data/m.db?mode=rwc&password=***",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 
     /// Stored hashes must keep their form, or every row would look changed after an upgrade.
