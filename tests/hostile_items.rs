@@ -67,6 +67,8 @@ impl Mirror {
                 rejected: &page.rejected,
                 watermark: page.items.iter().map(|p| p.updated_at).max(),
                 track_seen: false,
+                unproven: &[],
+                proven: &[],
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -477,6 +479,7 @@ async fn a_malformed_response_gives_a_bounded_error() {
     .unwrap();
     let first = PageQuery {
         page: 0,
+        page_size: 100,
         after: None,
     };
     let err = client.fetch_page(first).await.unwrap_err();

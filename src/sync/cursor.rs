@@ -4,7 +4,7 @@
 
 use time::{Duration, OffsetDateTime};
 
-use crate::klarify::Procedure;
+use crate::klarify::{untrusted, Procedure};
 
 /// The smallest step the cursor takes below a timestamp: the precision everything is stored at.
 pub const TICK: Duration = Duration::microseconds(1);
@@ -31,14 +31,19 @@ pub fn check_order(items: &[Procedure], cursor: Option<OffsetDateTime>) -> Resul
         if first.updated_at <= c {
             return Err(format!(
                 "item {} has updated_at {} which is not after the requested last_updated_at {}",
-                first.id, first.updated_at, c
+                untrusted(&first.id),
+                first.updated_at,
+                c
             ));
         }
     }
     match items.windows(2).find(|w| w[0].updated_at > w[1].updated_at) {
         Some(w) => Err(format!(
             "items are not sorted by updated_at: {} ({}) comes before {} ({})",
-            w[0].id, w[0].updated_at, w[1].id, w[1].updated_at
+            untrusted(&w[0].id),
+            w[0].updated_at,
+            untrusted(&w[1].id),
+            w[1].updated_at
         )),
         None => Ok(()),
     }
@@ -195,6 +200,25 @@ mod tests {
         // A range never goes back.
         frontier.reach(2, t(1), false);
         assert_eq!(frontier.watermark(), t(30));
+    }
+
+    #[test]
+    fn ids_in_order_violations_cannot_forge_log_lines() {
+        let page: Vec<Procedure> = [
+            ("b\nERROR forged", "2024-01-01T00:00:02Z"),
+            ("a", "2024-01-01T00:00:01Z"),
+        ]
+        .iter()
+        .map(|(id, t)| {
+            let raw = serde_json::json!({"id": id, "updated_at": t}).to_string();
+            parse_item(&raw).unwrap()
+        })
+        .collect();
+        let err = check_order(&page, None).unwrap_err();
+        assert!(
+            !err.contains('\n') && err.contains(r#""b\nERROR forged""#),
+            "{err}"
+        );
     }
 
     #[test]
