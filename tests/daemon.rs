@@ -230,7 +230,8 @@ async fn panicked_passes(addr: SocketAddr) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
-/// The real pass, except that it panics while `panicking` is set.
+/// The real pass, except that while `panicking` is set it panics in the middle: once the pass
+/// has taken its lock and recorded its run, with a request in flight.
 struct PanicsWhileSet {
     inner: SyncPass,
     panicking: Arc<AtomicBool>,
@@ -243,13 +244,35 @@ impl Pass for PanicsWhileSet {
         mode: Mode,
         shutdown: &CancellationToken,
     ) -> Result<PassReport, SyncError> {
-        assert!(!self.panicking.load(Ordering::SeqCst), "a bug in a pass");
-        self.inner.run(store, mode, shutdown).await
+        if !self.panicking.load(Ordering::SeqCst) {
+            return self.inner.run(store, mode, shutdown).await;
+        }
+        let newest = || async {
+            let runs = store.status(1).await.unwrap().recent_runs;
+            runs.into_iter().next().map(|r| (r.id, r.outcome))
+        };
+        let before = newest().await.map_or(0, |(id, _)| id);
+        let pass = self.inner.run(store, mode, shutdown);
+        let begun = async {
+            while !newest()
+                .await
+                .is_some_and(|(id, outcome)| id > before && outcome == "running")
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            outcome = pass => outcome,
+            () = begun => panic!("a bug in a pass"),
+        }
     }
 }
 
 async fn a_panicking_pass_is_a_failed_pass_and_retried(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(34, 80), 50).await;
+    // Every request hangs (past the client's time-out) until the faults are cleared.
+    env.fake
+        .inject(Fault::Hang(Duration::from_secs(10)), 10_000);
     let panicking = Arc::new(AtomicBool::new(true));
     let pass = PanicsWhileSet {
         inner: sync_pass(&env),
@@ -272,8 +295,17 @@ async fn a_panicking_pass_is_a_failed_pass_and_retried(backend: Backend) {
     assert_eq!(healthz(addr).await.unwrap(), 200, "the daemon lives on");
 
     panicking.store(false, Ordering::SeqCst);
+    env.fake.clear_faults();
     eventually("a retry succeeds", || async { readyz(addr).await.0 == 200 }).await;
     env.assert_mirror_equals_source().await;
+    // The panicked passes released their lock (or no pass could have run since) and their runs
+    // are closed.
+    let runs = env.store.status(100).await.unwrap().recent_runs;
+    assert_eq!(runs[0].outcome, "succeeded");
+    assert!(
+        runs[1..].iter().all(|r| r.outcome == "abandoned"),
+        "{runs:?}"
+    );
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
