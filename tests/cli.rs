@@ -246,6 +246,14 @@ impl Daemon {
         Self { child, lines }
     }
 
+    /// The address the daemon says it serves on.
+    async fn serving_at(&mut self) -> String {
+        let line = self
+            .wait_for("serving /healthz, /readyz and /metrics")
+            .await;
+        line["addr"].as_str().unwrap().to_owned()
+    }
+
     /// Reads log lines until one has `message`; returns it as JSON.
     async fn wait_for(&mut self, message: &str) -> serde_json::Value {
         let read = async {
@@ -288,12 +296,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     let fake = fake(120).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(env_for(&fake, &dir), &[], &dir);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving_at().await;
     let scheduled = daemon.wait_for("scheduled").await;
     assert_eq!(scheduled["cron"], "0 */5 * * * *");
     assert!(
@@ -345,12 +348,7 @@ async fn the_daemon_reports_a_rejected_key_in_readyz_and_keeps_running() {
     let mut env = env_for(&fake, &dir);
     set(&mut env, "KLARIFY_ACCESS_KEY", "not-the-key");
     let mut daemon = Daemon::spawn(env, &[], &dir);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving_at().await;
     daemon.wait_for("sync pass failed").await;
     let (status, body) = get(&addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -375,12 +373,7 @@ async fn the_demo_runs_without_a_key_or_network() {
         ),
     ];
     let mut demo = Daemon::spawn(env, &["--demo"], &dir);
-    let addr = demo
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = demo.serving_at().await;
     demo.wait_for("sync pass succeeded").await;
     assert_eq!(get(&addr, "/readyz").await.0, 200);
     assert!(mirror(&dir).await.len() >= 250);
@@ -557,12 +550,7 @@ async fn many_idle_connections_leave_the_daemon_answering_and_syncing() {
         });
     }
     let mut daemon = Daemon::start(command);
-    let addr = daemon
-        .wait_for("serving /healthz, /readyz and /metrics")
-        .await["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = daemon.serving_at().await;
     daemon.wait_for("sync pass succeeded").await;
 
     // More connections than the daemon has file descriptors, all silent.

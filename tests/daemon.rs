@@ -410,6 +410,15 @@ async fn closed_by_server(stream: &mut TcpStream) -> Vec<u8> {
     received
 }
 
+async fn get_within_5s(addr: SocketAddr, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn clients_that_send_no_request_are_disconnected() {
     let (addr, _token) = serve_with(HttpLimits {
@@ -436,12 +445,7 @@ async fn a_request_not_answered_in_time_gets_408() {
         ..HttpLimits::default()
     })
     .await;
-    let response = reqwest::Client::new()
-        .get(format!("http://{addr}/never"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .unwrap();
+    let response = get_within_5s(addr, "/never").await;
     assert_eq!(response.status(), 408);
 }
 
@@ -457,12 +461,7 @@ async fn beyond_the_cap_the_oldest_connection_makes_room() {
     for _ in 0..20 {
         idle.push(TcpStream::connect(addr).await.unwrap());
     }
-    let response = reqwest::Client::new()
-        .get(format!("http://{addr}/ok"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .unwrap();
+    let response = get_within_5s(addr, "/ok").await;
     assert_eq!(response.status(), 200);
     closed_by_server(&mut idle[0]).await;
 }
