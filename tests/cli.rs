@@ -246,8 +246,8 @@ impl Daemon {
         Self { child, lines }
     }
 
-    /// The address the daemon says it serves on.
-    async fn serving_at(&mut self) -> String {
+    /// Waits until the HTTP endpoints are served; returns their address.
+    async fn serving(&mut self) -> String {
         let line = self
             .wait_for("serving /healthz, /readyz and /metrics")
             .await;
@@ -296,7 +296,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     let fake = fake(120).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(env_for(&fake, &dir), &[], &dir);
-    let addr = daemon.serving_at().await;
+    let addr = daemon.serving().await;
     let scheduled = daemon.wait_for("scheduled").await;
     assert_eq!(scheduled["cron"], "0 */5 * * * *");
     assert!(
@@ -348,7 +348,7 @@ async fn the_daemon_reports_a_rejected_key_in_readyz_and_keeps_running() {
     let mut env = env_for(&fake, &dir);
     set(&mut env, "KLARIFY_ACCESS_KEY", "not-the-key");
     let mut daemon = Daemon::spawn(env, &[], &dir);
-    let addr = daemon.serving_at().await;
+    let addr = daemon.serving().await;
     daemon.wait_for("sync pass failed").await;
     let (status, body) = get(&addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -373,7 +373,7 @@ async fn the_demo_runs_without_a_key_or_network() {
         ),
     ];
     let mut demo = Daemon::spawn(env, &["--demo"], &dir);
-    let addr = demo.serving_at().await;
+    let addr = demo.serving().await;
     demo.wait_for("sync pass succeeded").await;
     assert_eq!(get(&addr, "/readyz").await.0, 200);
     assert!(mirror(&dir).await.len() >= 250);
@@ -550,7 +550,7 @@ async fn many_idle_connections_leave_the_daemon_answering_and_syncing() {
         });
     }
     let mut daemon = Daemon::start(command);
-    let addr = daemon.serving_at().await;
+    let addr = daemon.serving().await;
     daemon.wait_for("sync pass succeeded").await;
 
     // More connections than the daemon has file descriptors, all silent.
