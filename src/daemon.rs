@@ -2,25 +2,31 @@
 //! schedule, until the shutdown future completes.
 //!
 //! One loop task runs every pass, so two passes never overlap; cron ticks only wake it, and
-//! ticks that arrive during a pass coalesce into one follow-up pass.
+//! ticks that arrive during a pass coalesce into one follow-up pass. A pass that panics is a
+//! failed pass; should the loop or the HTTP server stop all the same, the daemon ends with an
+//! error, so that whatever supervises the process restarts it.
 
+use std::any::Any;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::FutureExt;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::task::JoinError;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{router, Readiness};
+use crate::http::{router, serve, HttpLimits, Readiness};
 use crate::klarify::KlarifyClient;
 use crate::store::{LockGuard, LockKind, Store, StoreError};
-use crate::sync::{run_pass, Mode, SyncError, SyncOptions};
+use crate::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -31,18 +37,47 @@ pub enum DaemonError {
     },
     #[error("the scheduler failed: {0}")]
     Scheduler(#[from] JobSchedulerError),
-    #[error("the HTTP server failed: {0}")]
-    Http(std::io::Error),
+    #[error("the HTTP server stopped: {0}; restart klarify-sync")]
+    Http(String),
+    #[error("the sync loop stopped: {0}; restart klarify-sync")]
+    SyncLoop(String),
+}
+
+/// One sync pass as the daemon's loop runs it: [`SyncPass`] in production, while tests drive
+/// the loop with passes that misbehave.
+pub trait Pass: Send + Sync + 'static {
+    fn run(
+        &self,
+        store: &Store,
+        mode: Mode,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<PassReport, SyncError>> + Send;
+}
+
+/// [`run_pass`] against Klarify.
+pub struct SyncPass {
+    pub client: KlarifyClient,
+    pub options: SyncOptions,
+}
+
+impl Pass for SyncPass {
+    fn run(
+        &self,
+        store: &Store,
+        mode: Mode,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<PassReport, SyncError>> + Send {
+        run_pass(&self.client, store, mode, &self.options, shutdown)
+    }
 }
 
 /// Everything the daemon needs, built by `main` (or a test) from the settings.
-pub struct Daemon {
-    pub client: KlarifyClient,
+pub struct Daemon<P = SyncPass> {
+    pub pass: P,
     /// Opened (and migrated) by the daemon itself, retried until the database answers, so that
     /// a database that is down at start is reported by `/readyz` instead of ending the process.
     pub database_url: SecretString,
     pub max_connections: u32,
-    pub options: SyncOptions,
     /// 6-field cron, as returned by [`crate::schedule::parse_cron`].
     pub cron: String,
     /// When to run a full reconciliation (a backfill, deletions included); `None`: never.
@@ -52,16 +87,17 @@ pub struct Daemon {
     pub max_unproven: Duration,
     /// First and longest wait before a failed pass is retried (the next cron tick may come first).
     pub retry_delays: (Duration, Duration),
+    pub http: HttpLimits,
 }
 
 /// A daemon whose port is bound, so tests can ask for port 0 and learn the real one.
-pub struct BoundDaemon {
-    daemon: Daemon,
+pub struct BoundDaemon<P = SyncPass> {
+    daemon: Daemon<P>,
     listener: TcpListener,
 }
 
-impl Daemon {
-    pub async fn bind(self, addr: SocketAddr) -> Result<BoundDaemon, DaemonError> {
+impl<P: Pass> Daemon<P> {
+    pub async fn bind(self, addr: SocketAddr) -> Result<BoundDaemon<P>, DaemonError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| DaemonError::Bind { addr, source })?;
@@ -72,7 +108,7 @@ impl Daemon {
     }
 }
 
-impl BoundDaemon {
+impl<P: Pass> BoundDaemon<P> {
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
@@ -80,37 +116,35 @@ impl BoundDaemon {
     }
 
     /// Serves and syncs until `shutdown` completes; then lets the page in flight finish (or
-    /// drops an unfinished request) and returns.
+    /// drops an unfinished request) and returns. Ends early, with an error, should the sync loop
+    /// or the HTTP server stop of their own accord.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), DaemonError> {
         tracing::info!(addr = %self.local_addr(), "serving /healthz, /readyz and /metrics");
         let Daemon {
-            client,
+            pass,
             database_url,
             max_connections,
-            options,
             cron,
             backfill_cron,
             max_staleness,
             max_unproven,
             retry_delays,
+            http: limits,
         } = self.daemon;
         // Installed before the first pass so its counters are not lost.
         crate::metrics::handle();
         let token = CancellationToken::new();
         let readiness = Readiness::new(max_staleness, max_unproven);
 
-        let http = {
-            let token = token.clone();
-            let app = router(readiness.clone());
-            tokio::spawn(async move {
-                axum::serve(self.listener, app)
-                    .with_graceful_shutdown(token.cancelled_owned())
-                    .await
-            })
-        };
+        let mut http = tokio::spawn(serve(
+            self.listener,
+            router(readiness.clone()),
+            limits,
+            token.clone(),
+        ));
 
         let ticks = Arc::new(Notify::new());
         let backfill_due = Arc::new(AtomicBool::new(false));
@@ -127,29 +161,24 @@ impl BoundDaemon {
         }
         scheduler.start().await?;
 
-        let sync = tokio::spawn({
+        let mut sync = tokio::spawn({
             let token = token.clone();
             async move {
-                let mut backoff = backoff(retry_delays);
-                let store = loop {
-                    match Store::open(&database_url, max_connections).await {
-                        Ok(store) => break store,
-                        Err(e) => {
-                            let wait = backoff.next().unwrap_or(retry_delays.1);
-                            tracing::error!(error = %e, retry_in = ?wait, "cannot open the database");
-                            readiness.pass_failed(&SyncError::Store(e));
-                            tokio::select! {
-                                () = tokio::time::sleep(wait) => {}
-                                () = token.cancelled() => return,
-                            }
-                        }
-                    }
+                let Some((store, probe)) = open_stores(
+                    &database_url,
+                    max_connections,
+                    retry_delays,
+                    &readiness,
+                    &token,
+                )
+                .await
+                else {
+                    return;
                 };
-                readiness.connected(store.clone());
+                readiness.connected(probe.clone());
                 let looped = SyncLoop {
-                    client,
+                    pass,
                     store: store.clone(),
-                    options,
                     readiness,
                     ticks,
                     backfill_due,
@@ -158,17 +187,78 @@ impl BoundDaemon {
                 };
                 looped.run().await;
                 store.close().await;
+                probe.close().await;
             }
         });
 
-        shutdown.await;
-        tracing::info!("shutting down");
+        let failure = tokio::select! {
+            () = shutdown => None,
+            ended = &mut sync => Some(DaemonError::SyncLoop(ended_early(ended))),
+            ended = &mut http => Some(DaemonError::Http(ended_early(ended))),
+        };
+        match &failure {
+            None => tracing::info!("shutting down"),
+            Some(e) => tracing::error!(error = %e, "shutting down"),
+        }
         token.cancel();
-        let _ = sync.await;
+        if !sync.is_finished() {
+            let _ = sync.await;
+        }
         scheduler.shutdown().await?;
-        match http.await {
-            Ok(result) => result.map_err(DaemonError::Http),
-            Err(join) => Err(DaemonError::Http(std::io::Error::other(join))),
+        if !http.is_finished() {
+            let _ = http.await;
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Why a task that should have run until shutdown ended.
+fn ended_early(joined: Result<(), JoinError>) -> String {
+    match joined {
+        Ok(()) => "it ended before shutdown".to_owned(),
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => format!("it panicked: {}", panic_message(&*payload)),
+            Err(e) => e.to_string(),
+        },
+    }
+}
+
+/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Opens the store the sync writes through and a second one of a single connection for
+/// `/readyz`, so that no number of readiness probes, nor a probe stuck behind a lock, can take a
+/// connection the sync needs. Retried with backoff; `None` when shut down first.
+async fn open_stores(
+    url: &SecretString,
+    max_connections: u32,
+    retry_delays: (Duration, Duration),
+    readiness: &Readiness,
+    token: &CancellationToken,
+) -> Option<(Store, Store)> {
+    let mut backoff = backoff(retry_delays);
+    loop {
+        let opened = match Store::open(url, max_connections).await {
+            Ok(store) => Store::open(url, 1).await.map(|probe| (store, probe)),
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(stores) => return Some(stores),
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(retry_delays.1);
+                tracing::error!(error = %e, retry_in = ?wait, "cannot open the database");
+                readiness.pass_failed(&SyncError::Store(e));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = token.cancelled() => return None,
+                }
+            }
         }
     }
 }
@@ -184,10 +274,9 @@ enum Next {
     Stop,
 }
 
-struct SyncLoop {
-    client: KlarifyClient,
+struct SyncLoop<P> {
+    pass: P,
     store: Store,
-    options: SyncOptions,
     readiness: Readiness,
     ticks: Arc<Notify>,
     /// Set by the reconciliation schedule; the next pass is then a backfill.
@@ -196,7 +285,7 @@ struct SyncLoop {
     retry_delays: (Duration, Duration),
 }
 
-impl SyncLoop {
+impl<P: Pass> SyncLoop<P> {
     async fn run(self) {
         let mut backoff = self.backoff();
         let mut leader: Option<LockGuard> = None;
@@ -256,7 +345,27 @@ impl SyncLoop {
         } else {
             Mode::Incremental
         };
-        match run_pass(&self.client, &self.store, mode, &self.options, &self.token).await {
+        // The pass's state dies with it; what it committed is consistent by construction (the
+        // watermark travels with each page), and the next pass marks its run `abandoned`.
+        let ran = AssertUnwindSafe(self.pass.run(&self.store, mode, &self.token))
+            .catch_unwind()
+            .await;
+        let outcome = match ran {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                let message = format!(
+                    "the pass panicked, a bug in klarify-sync: {}",
+                    panic_message(&*payload)
+                );
+                crate::metrics::record_panicked_pass(mode);
+                self.readiness.pass_panicked(&message);
+                if mode == Mode::Backfill {
+                    self.backfill_due.store(true, Ordering::SeqCst);
+                }
+                return self.retry(backoff, &message);
+            }
+        };
+        match outcome {
             Ok(report) => {
                 // Ready before the log line says so: whoever reads the log may ask at once.
                 self.readiness.pass_succeeded();
@@ -279,8 +388,12 @@ impl SyncLoop {
 
     fn failed(&self, e: &SyncError, backoff: &mut ExponentialBackoff) -> Next {
         self.readiness.pass_failed(e);
+        self.retry(backoff, e)
+    }
+
+    fn retry(&self, backoff: &mut ExponentialBackoff, error: &dyn std::fmt::Display) -> Next {
         let wait = backoff.next().unwrap_or(self.retry_delays.1);
-        tracing::error!(error = %e, retry_in = ?wait, "sync pass failed");
+        tracing::error!(error = %error, retry_in = ?wait, "sync pass failed");
         Next::RetryIn(wait)
     }
 

@@ -1,5 +1,7 @@
-//! The HTTP side: `/healthz`, `/readyz` and `/metrics`.
+//! The HTTP side: `/healthz`, `/readyz` and `/metrics`, served within limits that keep any
+//! number of clients, idle or slow, from taking what the sync needs.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -8,8 +10,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::klarify::{format_instant, KlarifyError};
 use crate::store::{Store, StoreError};
@@ -29,7 +37,7 @@ struct SyncHealth {
 #[derive(Clone)]
 pub struct Readiness {
     health: Arc<Mutex<SyncHealth>>,
-    /// Set once the daemon has opened the database.
+    /// Set once the daemon has opened the database: a store of its own, not the sync's.
     store: Arc<OnceLock<Store>>,
     max_staleness: Duration,
     max_unproven: Duration,
@@ -58,6 +66,10 @@ impl Readiness {
 
     pub fn pass_failed(&self, error: &SyncError) {
         self.not_ready(reason_code(error), error.to_string());
+    }
+
+    pub fn pass_panicked(&self, message: &str) {
+        self.not_ready("internal_error", message.to_owned());
     }
 
     /// Another instance holds the leader lock: this one waits to take over.
@@ -189,4 +201,96 @@ async fn metrics() -> Response {
         crate::metrics::render(),
     )
         .into_response()
+}
+
+/// What the HTTP server allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A client must send a request's headers within this long of connecting or of its previous
+    /// response, or it is disconnected.
+    pub header_read_timeout: Duration,
+    /// A request not answered within this long is answered 408.
+    pub request_timeout: Duration,
+    /// Connections served at once. A new one beyond this closes the oldest: the clients of these
+    /// endpoints (health checks, scrapes) ask and leave, so the oldest is the likeliest to be
+    /// idle, and new clients are never kept waiting behind idle ones.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 128,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets the requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    let app = app.layer(TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        limits.request_timeout,
+    ));
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    // Each open connection's way to be closed, by age.
+    let open = Arc::new(Mutex::new(BTreeMap::<u64, CancellationToken>::new()));
+    let connections = TaskTracker::new();
+    for id in 0_u64.. {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to be freed.
+                    tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let evicted = CancellationToken::new();
+        {
+            let mut open = open
+                .lock()
+                .expect("no panics while the connections are listed");
+            if open.len() >= limits.max_connections {
+                if let Some((_, oldest)) = open.pop_first() {
+                    oldest.cancel();
+                }
+            }
+            open.insert(id, evicted.clone());
+        }
+        let connection =
+            http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let (open, shutdown) = (open.clone(), shutdown.clone());
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                // Dropping the connection closes it.
+                () = evicted.cancelled() => {}
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            open.lock()
+                .expect("no panics while the connections are listed")
+                .remove(&id);
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use klarify_sync::config::Settings;
-use klarify_sync::daemon::Daemon;
+use klarify_sync::daemon::{panic_message, Daemon, SyncPass};
+use klarify_sync::http::HttpLimits;
 use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::progress_bar::Bar;
 use klarify_sync::store::Store;
@@ -56,11 +57,33 @@ enum Command {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    std::panic::set_hook(Box::new(log_panic));
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts")
-        .block_on(async_main())
+        .block_on(async {
+            // On a task of its own, so that a panic anywhere in it ends the process like any
+            // other failure: one line and exit code 1, not 101 and a backtrace.
+            match tokio::spawn(async_main()).await {
+                Ok(code) => code,
+                Err(e) => {
+                    let cause = match e.try_into_panic() {
+                        Ok(payload) => panic_message(&*payload),
+                        Err(e) => e.to_string(),
+                    };
+                    eprintln!("klarify-sync: stopped by a bug, please report it: {cause}");
+                    ExitCode::FAILURE
+                }
+            }
+        })
+}
+
+/// A panic is logged where everything else is (with where it happened), not printed on stderr:
+/// the daemon carries on after a panicking pass, and the command line prints one line for it.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info.location().map(ToString::to_string);
+    tracing::error!(location, "panic: {}", panic_message(info.payload()));
 }
 
 /// glibc gives each thread that allocates concurrently its own arena (up to 8 per core) and
@@ -145,10 +168,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let daemon = Daemon {
-        client,
+        pass: SyncPass { client, options },
         database_url: database_url.clone(),
         max_connections: settings.database.max_connections,
-        options,
         cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
         backfill_cron: Some(settings.schedule.backfill_cron.as_str())
             .filter(|c| !c.is_empty())
@@ -158,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
         max_unproven: Duration::from_secs(settings.health.max_unproven_secs),
         retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
+        http: HttpLimits::default(),
     }
     .bind(settings.http.listen)
     .await?;

@@ -12,18 +12,24 @@ use crate::sync::Mode;
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the recorder on first use; later calls (tests start many daemons in one process)
-/// share it.
+/// share it. A program that embeds the library may have installed a recorder of its own: ours
+/// then records nothing and `/metrics` shows nothing, rather than the daemon failing to start.
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let seconds = [
             0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
         ];
-        let handle = PrometheusBuilder::new()
+        let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
             .expect("the bucket list is not empty")
-            .install_recorder()
-            .expect("no other metrics recorder is installed in this process");
-        describe();
+            .build_recorder();
+        let handle = recorder.handle();
+        match metrics::set_global_recorder(recorder) {
+            Ok(()) => describe(),
+            Err(_) => tracing::warn!(
+                "another metrics recorder is installed in this process; /metrics stays empty"
+            ),
+        }
         handle
     })
 }
@@ -107,6 +113,12 @@ pub fn render() -> String {
     }
     handle.run_upkeep();
     handle.render()
+}
+
+/// A pass that panicked records nothing itself.
+pub fn record_panicked_pass(mode: Mode) {
+    metrics::counter!("klarify_sync_passes_total", "mode" => mode.as_str(), "outcome" => "panicked")
+        .increment(1);
 }
 
 /// Records the end of a pass, whatever its outcome.

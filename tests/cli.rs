@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::fd::FromRawFd;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -223,16 +224,28 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(env: Vec<(String, String)>, args: &[&str], dir: &tempfile::TempDir) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"))
+        Self::start(Self::command(env, args, dir))
+    }
+
+    fn command(
+        env: Vec<(String, String)>,
+        args: &[&str],
+        dir: &tempfile::TempDir,
+    ) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"));
+        command
             .env_clear()
             .envs(env)
             .env("KLARIFY_SYNC__LOG__FORMAT", "json")
             .current_dir(dir.path())
             .args(args)
             .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .kill_on_drop(true);
+        command
+    }
+
+    fn start(mut command: tokio::process::Command) -> Self {
+        let mut child = command.spawn().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         Self { child, lines }
     }
@@ -627,4 +640,92 @@ async fn klarify_sync_config_names_the_config_file() {
     let out = run(env, &["--once"]).await;
     assert!(out.ok, "{}", out.stderr);
     assert_same(&mirror(&dir).await, &source_of(&fake));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_is_one_line_and_exit_code_1() {
+    // `status` writing to a pipe nobody reads any more (`klarify-sync status | true`): printing
+    // panics, as it does anywhere in Rust; what matters is how the binary reports a panic.
+    let fake = fake(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: a new pipe; its read end is closed at once, its write end handed to the child.
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        std::os::fd::OwnedFd::from_raw_fd(fds[1])
+    };
+    let env = env_for(&fake, &dir);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"))
+            .env_clear()
+            .envs(env)
+            .env("RUST_BACKTRACE", "1")
+            .arg("status")
+            .stdout(write_end)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("klarify-sync: ") && stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_idle_connections_leave_the_daemon_answering_and_syncing() {
+    const MAX_FILES: u64 = 256;
+    let fake = fake(100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env_for(&fake, &dir);
+    set(&mut env, "KLARIFY_SYNC__SCHEDULE__CRON", "* * * * * *");
+    // Fewer lines than at trace level: the pipe is not read while the connections are opened.
+    set(&mut env, "RUST_LOG", "info");
+    let mut command = Daemon::command(env, &[], &dir);
+    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: MAX_FILES,
+                rlim_max: MAX_FILES,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let mut daemon = Daemon::start(command);
+    let addr = daemon.serving().await;
+    daemon.wait_for("sync pass succeeded").await;
+
+    // More connections than the daemon has file descriptors, all silent.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_FILES + 150 {
+        let connect = tokio::net::TcpStream::connect(&addr);
+        let connected = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .expect("the daemon keeps accepting connections");
+        idle.push(connected.unwrap());
+    }
+    let health = reqwest::Client::new()
+        .get(format!("http://{addr}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("/healthz answers");
+    assert_eq!(health.status(), 200);
+
+    let edited = source_of(&fake)[0].id.clone();
+    fake.edit(&edited);
+    while mirror(&dir).await != source_of(&fake) {
+        daemon.wait_for("sync pass succeeded").await;
+    }
+    drop(idle);
+    assert!(daemon.terminate().await.success());
 }

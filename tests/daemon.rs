@@ -1,29 +1,45 @@
-//! The daemon in-process: leadership between replicas and the scheduled reconciliation.
+//! The daemon in-process: leadership between replicas, the scheduled reconciliation, passes
+//! that panic, readiness probes that must not take the sync's connections, and the HTTP limits.
 
 mod common;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::routing::get;
+use axum::Router;
 use common::{Backend, Env};
-use klarify_sync::daemon::Daemon;
+use klarify_sync::daemon::{Daemon, DaemonError, Pass, SyncPass};
 use klarify_sync::fake::{Fault, Organisation};
+use klarify_sync::http::{serve, HttpLimits};
 use klarify_sync::klarify::KlarifyClient;
+use klarify_sync::store::Store;
+use klarify_sync::sync::{Mode, PassReport, SyncError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 on_both_backends!(
     only_one_replica_syncs_and_the_other_takes_over,
     the_scheduled_reconciliation_detects_deletions,
     readyz_says_never_synced_stale_and_schema_mismatch,
+    a_panicking_pass_is_a_failed_pass_and_retried,
+    a_sync_loop_that_dies_ends_the_daemon,
+    readyz_probes_cannot_take_the_syncs_connections,
+);
+
+type Running = (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), DaemonError>>,
 );
 
 /// A daemon on port 0 over `env`'s source and database, stopped by sending on the channel.
-async fn start(
-    env: &Env,
-    cron: &str,
-    backfill_cron: Option<&str>,
-) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+async fn start(env: &Env, cron: &str, backfill_cron: Option<&str>) -> Running {
     start_with(env, cron, backfill_cron, Duration::from_secs(600)).await
 }
 
@@ -32,31 +48,41 @@ async fn start_with(
     cron: &str,
     backfill_cron: Option<&str>,
     max_staleness: Duration,
-) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let daemon = Daemon {
+) -> Running {
+    let mut daemon = daemon(env, sync_pass(env), cron);
+    daemon.backfill_cron = backfill_cron.map(str::to_owned);
+    daemon.max_staleness = max_staleness;
+    run(daemon).await
+}
+
+fn sync_pass(env: &Env) -> SyncPass {
+    SyncPass {
         client: KlarifyClient::new(common::client_settings(&env.fake, 50)).unwrap(),
+        options: env.options.clone(),
+    }
+}
+
+fn daemon<P: Pass>(env: &Env, pass: P, cron: &str) -> Daemon<P> {
+    Daemon {
+        pass,
         database_url: env.database_url.clone(),
         max_connections: 3,
-        options: env.options.clone(),
         cron: cron.to_owned(),
-        backfill_cron: backfill_cron.map(str::to_owned),
-        max_staleness,
+        backfill_cron: None,
+        max_staleness: Duration::from_secs(600),
         max_unproven: Duration::from_secs(3600),
         retry_delays: (Duration::from_millis(50), Duration::from_millis(200)),
+        http: HttpLimits::default(),
     }
-    .bind("127.0.0.1:0".parse().unwrap())
-    .await
-    .unwrap();
+}
+
+async fn run<P: Pass>(daemon: Daemon<P>) -> Running {
+    let daemon = daemon.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = daemon.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        daemon
-            .run_until_stopped(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap()
-    });
+    let task = tokio::spawn(daemon.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
     (addr, stop, task)
 }
 
@@ -96,7 +122,7 @@ async fn only_one_replica_syncs_and_the_other_takes_over(backend: Backend) {
     assert!(count_runs(&env).await > passes_before);
 
     stop_a.send(()).unwrap();
-    task_a.await.unwrap();
+    task_a.await.unwrap().unwrap();
     eventually("the standby takes over", || async {
         readyz(b).await.0 == 200
     })
@@ -106,7 +132,7 @@ async fn only_one_replica_syncs_and_the_other_takes_over(backend: Backend) {
     assert_no_overlapping_runs(&env).await;
 
     stop_b.send(()).unwrap();
-    task_b.await.unwrap();
+    task_b.await.unwrap().unwrap();
 }
 
 async fn the_scheduled_reconciliation_detects_deletions(backend: Backend) {
@@ -123,7 +149,7 @@ async fn the_scheduled_reconciliation_detects_deletions(backend: Backend) {
     .await;
     env.assert_mirror_equals_source().await;
     stop.send(()).unwrap();
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }
 
 async fn pool(env: &Env) -> sqlx::AnyPool {
@@ -182,5 +208,261 @@ async fn readyz_says_never_synced_stale_and_schema_mismatch(backend: Backend) {
         "{body}"
     );
     stop.send(()).unwrap();
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
+}
+
+async fn healthz(addr: SocketAddr) -> Result<u16, reqwest::Error> {
+    let response = reqwest::get(format!("http://{addr}/healthz")).await?;
+    Ok(response.status().as_u16())
+}
+
+/// The count of panicked incremental passes in `/metrics` (shared by the tests of this binary).
+async fn panicked_passes(addr: SocketAddr) -> u64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"klarify_sync_passes_total{mode="incremental",outcome="panicked"} "#)
+        })
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// The real pass, except that while `panicking` is set it panics in the middle: once the pass
+/// has taken its lock and recorded its run, with a request in flight.
+struct PanicsWhileSet {
+    inner: SyncPass,
+    panicking: Arc<AtomicBool>,
+}
+
+impl Pass for PanicsWhileSet {
+    async fn run(
+        &self,
+        store: &Store,
+        mode: Mode,
+        shutdown: &CancellationToken,
+    ) -> Result<PassReport, SyncError> {
+        if !self.panicking.load(Ordering::SeqCst) {
+            return self.inner.run(store, mode, shutdown).await;
+        }
+        let newest = || async {
+            let runs = store.status(1, time::OffsetDateTime::now_utc()).await.unwrap().recent_runs;
+            runs.into_iter().next().map(|r| (r.id, r.outcome))
+        };
+        let before = newest().await.map_or(0, |(id, _)| id);
+        let pass = self.inner.run(store, mode, shutdown);
+        let begun = async {
+            while !newest()
+                .await
+                .is_some_and(|(id, outcome)| id > before && outcome == "running")
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            outcome = pass => outcome,
+            () = begun => panic!("a bug in a pass"),
+        }
+    }
+}
+
+async fn a_panicking_pass_is_a_failed_pass_and_retried(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(34, 80), 50).await;
+    // Every request hangs (past the client's time-out) until the faults are cleared.
+    env.fake
+        .inject(Fault::Hang(Duration::from_secs(10)), 10_000);
+    let panicking = Arc::new(AtomicBool::new(true));
+    let pass = PanicsWhileSet {
+        inner: sync_pass(&env),
+        panicking: panicking.clone(),
+    };
+    // No pass is scheduled before next year: every pass after the first is a retry.
+    let (addr, stop, task) = run(daemon(&env, pass, "0 0 0 1 1 *")).await;
+    let before = panicked_passes(addr).await;
+    eventually("readyz reports the panic", || async {
+        let (status, body) = readyz(addr).await;
+        status == 503
+            && body["reason"] == "internal_error"
+            && body["detail"].as_str().unwrap().contains("a bug in a pass")
+    })
+    .await;
+    eventually("the panicked pass is retried and counted", || async {
+        panicked_passes(addr).await >= before + 2
+    })
+    .await;
+    assert_eq!(healthz(addr).await.unwrap(), 200, "the daemon lives on");
+
+    panicking.store(false, Ordering::SeqCst);
+    env.fake.clear_faults();
+    eventually("a retry succeeds", || async { readyz(addr).await.0 == 200 }).await;
+    env.assert_mirror_equals_source().await;
+    // The panicked passes released their lock (or no pass could have run since) and their runs
+    // are closed.
+    let runs = env.store.status(100, time::OffsetDateTime::now_utc()).await.unwrap().recent_runs;
+    assert_eq!(runs[0].outcome, "succeeded");
+    assert!(
+        runs[1..].iter().all(|r| r.outcome == "abandoned"),
+        "{runs:?}"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// Panics with a payload that panics again when the loop drops it: a panic in the loop itself,
+/// outside the pass, as a bug there would raise.
+struct PanicsInTheLoop;
+
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("a bug in the sync loop");
+    }
+}
+
+impl Pass for PanicsInTheLoop {
+    async fn run(
+        &self,
+        _: &Store,
+        _: Mode,
+        _: &CancellationToken,
+    ) -> Result<PassReport, SyncError> {
+        std::panic::panic_any(PanicsWhenDropped)
+    }
+}
+
+async fn a_sync_loop_that_dies_ends_the_daemon(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(35, 10), 50).await;
+    let (addr, _stop, task) = run(daemon(&env, PanicsInTheLoop, "* * * * * *")).await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the daemon ends by itself when its sync loop dies")
+        .unwrap();
+    match ended {
+        Err(DaemonError::SyncLoop(why)) => {
+            assert!(why.contains("a bug in the sync loop"), "{why}")
+        }
+        other => panic!("expected the sync loop's death, got {other:?}"),
+    }
+    assert!(healthz(addr).await.is_err(), "nothing answers /healthz");
+}
+
+async fn readyz_probes_cannot_take_the_syncs_connections(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(36, 60), 50).await;
+    let (addr, stop, task) = run(daemon(&env, sync_pass(&env), "* * * * * *")).await;
+    eventually("ready", || async { readyz(addr).await.0 == 200 }).await;
+
+    // On PostgreSQL every readiness probe now waits for a lock on the schema's history (as while
+    // another version migrates), holding its connection. SQLite readers never wait in WAL mode:
+    // there the flood of probes is all the test does.
+    let mut holder = pool(&env).await.begin().await.unwrap();
+    if let Backend::Postgres = backend {
+        sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+    }
+    let flooding = CancellationToken::new();
+    let flood: Vec<_> = (0..8)
+        .map(|_| {
+            let flooding = flooding.clone();
+            tokio::spawn(async move {
+                while !flooding.is_cancelled() {
+                    let _ = reqwest::get(format!("http://{addr}/readyz")).await;
+                }
+            })
+        })
+        .collect();
+    env.fake.edit(&env.source()[0].id);
+    env.fake.edit(&env.source()[1].id);
+    eventually("the sync goes on", || env.mirror_equals_source()).await;
+    flooding.cancel();
+    for f in flood {
+        f.await.unwrap();
+    }
+    holder.rollback().await.unwrap();
+    eventually("ready again", || async { readyz(addr).await.0 == 200 }).await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// [`serve`] with `limits` over a route that answers and one that never does.
+async fn serve_with(limits: HttpLimits) -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/ok", get(|| async { "ok" }))
+        .route("/never", get(std::future::pending::<&'static str>));
+    let token = CancellationToken::new();
+    tokio::spawn(serve(listener, app, limits, token.clone()));
+    (addr, token)
+}
+
+/// Reads until the server closes the connection, failing after 5 s.
+async fn closed_by_server(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .expect("the server keeps the connection open")
+        .unwrap();
+    received
+}
+
+async fn get_within_5s(addr: SocketAddr, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn clients_that_send_no_request_are_disconnected() {
+    let (addr, _token) = serve_with(HttpLimits {
+        header_read_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    closed_by_server(&mut silent).await;
+
+    // Also a keep-alive connection left idle after its first response.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /ok HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let received = closed_by_server(&mut idle).await;
+    assert!(received.starts_with(b"HTTP/1.1 200"), "{received:?}");
+}
+
+#[tokio::test]
+async fn a_request_not_answered_in_time_gets_408() {
+    let (addr, _token) = serve_with(HttpLimits {
+        request_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    })
+    .await;
+    let response = get_within_5s(addr, "/never").await;
+    assert_eq!(response.status(), 408);
+}
+
+#[tokio::test]
+async fn beyond_the_cap_the_oldest_connection_makes_room() {
+    let (addr, _token) = serve_with(HttpLimits {
+        max_connections: 4,
+        header_read_timeout: Duration::from_secs(600),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let response = get_within_5s(addr, "/ok").await;
+    assert_eq!(response.status(), 200);
+    closed_by_server(&mut idle[0]).await;
 }

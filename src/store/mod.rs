@@ -684,14 +684,19 @@ impl Store {
             index.insert(p.id.clone(), procs.len());
             procs.push(p);
         }
+        // Each query sees the database as of its own start: lanes and calls of a procedure
+        // written since the first are left out, as that procedure is.
         let lanes: Vec<(String, String)> = sqlx::query_as(LIVE_LANES).fetch_all(&self.pool).await?;
         for (id, lane) in lanes {
-            procs[index[&id]].lanes.push(lane);
+            if let Some(&i) = index.get(&id) {
+                procs[i].lanes.push(lane);
+            }
         }
         let calls: Vec<(String, String, String)> =
             sqlx::query_as(LIVE_CALLS).fetch_all(&self.pool).await?;
         for (id, relation, name) in calls {
-            let p = &mut procs[index[&id]];
+            let Some(&i) = index.get(&id) else { continue };
+            let p = &mut procs[i];
             match relation.as_str() {
                 "called_within" => p.called_within.push(name),
                 _ => p.called_from.push(name),
