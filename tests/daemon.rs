@@ -249,7 +249,11 @@ impl Pass for PanicsWhileSet {
             return self.inner.run(store, mode, shutdown).await;
         }
         let newest = || async {
-            let runs = store.status(1, time::OffsetDateTime::now_utc()).await.unwrap().recent_runs;
+            let runs = store
+                .status(1, time::OffsetDateTime::now_utc())
+                .await
+                .unwrap()
+                .recent_runs;
             runs.into_iter().next().map(|r| (r.id, r.outcome))
         };
         let before = newest().await.map_or(0, |(id, _)| id);
@@ -301,7 +305,12 @@ async fn a_panicking_pass_is_a_failed_pass_and_retried(backend: Backend) {
     env.assert_mirror_equals_source().await;
     // The panicked passes released their lock (or no pass could have run since) and their runs
     // are closed.
-    let runs = env.store.status(100, time::OffsetDateTime::now_utc()).await.unwrap().recent_runs;
+    let runs = env
+        .store
+        .status(100, time::OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .recent_runs;
     assert_eq!(runs[0].outcome, "succeeded");
     assert!(
         runs[1..].iter().all(|r| r.outcome == "abandoned"),

@@ -258,6 +258,12 @@ impl FakeKlarify {
         self.inner.lock().data.insert_raw(item);
     }
 
+    /// Serves `item` as given, dated by a clock that is not the server's (a placeholder date in
+    /// the far future): the server's later edits are not dated after it.
+    pub fn insert_misdated(&self, item: serde_json::Value) {
+        self.inner.lock().data.insert_misdated(item);
+    }
+
     /// Applies `churn` every `every` (first time after one period) until shutdown.
     pub fn spawn_background_churn(&self, every: Duration, churn: Churn) -> JoinHandle<()> {
         let inner = self.inner.clone();

@@ -131,6 +131,21 @@ impl Organisation {
         org
     }
 
+    /// The sample of `generate`, where consecutive runs of `groups[k]` procedures (taken in id
+    /// order, from the first) were each imported in bulk at an instant of their own, a week
+    /// apart and within the sample's year; the rest keep their own instants.
+    pub fn generate_grouped(seed: u64, n: usize, groups: &[usize]) -> Organisation {
+        let mut org = Organisation::generate(seed, n);
+        let mut items = org.items.iter_mut();
+        for (k, &size) in groups.iter().enumerate() {
+            let at = rfc3339(NOW - Duration::weeks(1 + k as i64));
+            for item in items.by_ref().take(size) {
+                item["updated_at"] = Value::String(at.clone());
+            }
+        }
+        org
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -424,6 +439,17 @@ mod tests {
         let first = &tied[0]["updated_at"];
         assert!(tied.iter().all(|item| &item["updated_at"] == first));
         assert_eq!(plain[10]["name"], tied[10]["name"]);
+    }
+
+    #[test]
+    fn grouped_sample_has_a_run_per_group() {
+        let items = Organisation::generate_grouped(9, 50, &[10, 5]).into_items();
+        let at = |k: usize| items[k]["updated_at"].as_str().unwrap().to_owned();
+        assert!((0..10).all(|k| at(k) == at(0)));
+        assert!((10..15).all(|k| at(k) == at(10)));
+        assert_ne!(at(0), at(10));
+        let rest: std::collections::HashSet<String> = (15..50).map(at).collect();
+        assert!(!rest.contains(&at(0)) && !rest.contains(&at(10)));
     }
 
     #[test]

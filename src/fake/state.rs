@@ -197,9 +197,21 @@ impl Dataset {
     /// Stores `item` untouched. A readable `updated_at` in the future pushes the clock past
     /// it, so that later edits still look newer, as they would on a real server.
     pub fn insert_raw(&mut self, item: Value) {
+        self.insert(item, true);
+    }
+
+    /// Stores `item` without the clock following its date: an item dated elsewhere (an
+    /// import's placeholder year 9999), which the server's own edits do not come after.
+    pub fn insert_misdated(&mut self, item: Value) {
+        self.insert(item, false);
+    }
+
+    fn insert(&mut self, item: Value, clock_follows: bool) {
         let at = match parse_updated_at(&item) {
             Some(at) => {
-                self.clock = self.clock.max(whole_second_after(at));
+                if clock_follows {
+                    self.clock = self.clock.max(whole_second_after(at));
+                }
                 at
             }
             None => self.tick(),

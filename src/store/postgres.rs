@@ -120,9 +120,9 @@ pub(super) static DIALECT: Dialect = Dialect {
     unproven_groups: concat!(
         "SELECT at, size_bound, size_counted, ",
         rfc3339!("recorded_at"),
-        ", ",
+        " AS recorded_at, ",
         rfc3339!("checked_at"),
-        ", checks FROM unproven_tie_groups ORDER BY at"
+        " AS checked_at, checks FROM unproven_tie_groups ORDER BY at"
     ),
     count_future: "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL \
         AND updated_at > $1::timestamptz",

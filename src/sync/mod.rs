@@ -204,6 +204,7 @@ async fn locked_pass(
         track_seen: mode == Mode::Backfill && !bulk,
         stored: trusted,
         ceiling,
+        newest_below_ceiling: None,
         stats: WriteStats::default(),
         frontier: Frontier::new(&[start]),
         pending: Pending::default(),
@@ -305,6 +306,8 @@ struct Pass<'a> {
     stored: Option<OffsetDateTime>,
     /// The watermark never moves past this, whatever the items are dated.
     ceiling: OffsetDateTime,
+    /// The newest item received that is not dated past the ceiling.
+    newest_below_ceiling: Option<OffsetDateTime>,
     stats: WriteStats,
     /// How far each range has been read, as far as received.
     frontier: Frontier,
@@ -386,6 +389,12 @@ impl Pass<'_> {
                     rejected,
                     held,
                 } => {
+                    let below = items
+                        .iter()
+                        .map(|p| p.updated_at)
+                        .filter(|at| *at <= self.ceiling)
+                        .max();
+                    self.newest_below_ceiling = self.newest_below_ceiling.max(below);
                     self.pending.items.extend(items);
                     self.pending.rejected.extend(rejected);
                     self.pending.bytes += held.num_permits();
@@ -415,10 +424,18 @@ impl Pass<'_> {
     async fn flush(&mut self) -> Result<(), SyncError> {
         self.settle().await?;
         let pending = std::mem::take(&mut self.pending);
+        // Past the ceiling, only items dated in the future were read: the watermark stops at
+        // the newest item that is not, whatever clock the source's later edits are dated by.
         let forward = self
             .frontier
             .watermark()
-            .map(|w| w.min(self.ceiling))
+            .and_then(|w| {
+                if w > self.ceiling {
+                    self.newest_below_ceiling
+                } else {
+                    Some(w)
+                }
+            })
             .filter(|w| self.stored.is_none_or(|s| *w > s));
         if pending.is_empty() && forward.is_none() {
             return Ok(());
