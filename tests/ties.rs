@@ -19,6 +19,7 @@ on_both_backends!(
     a_backfill_marks_nothing_deleted_while_a_group_is_unproven,
     an_item_dated_in_the_far_future_does_not_hold_back_later_edits,
     a_watermark_stored_in_the_future_is_repaired,
+    a_page_of_unreadable_items_does_not_stop_the_sync,
 );
 
 const PAGE: u32 = 25;
@@ -263,4 +264,22 @@ async fn a_watermark_stored_in_the_future_is_repaired(backend: Backend) {
     env.assert_mirror_equals_source().await;
     let watermark = env.store.watermark().await.unwrap().unwrap();
     assert!(watermark < OffsetDateTime::now_utc() + env.options.max_future_skew);
+}
+
+async fn a_page_of_unreadable_items_does_not_stop_the_sync(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(17, 60), 25).await;
+    env.pass(Mode::Backfill).await.unwrap();
+    // A run of 40 items with no id, each dated after everything stored, then new procedures.
+    for k in 0..40 {
+        env.fake
+            .insert_raw(serde_json::json!({ "name": format!("no id {k}") }));
+    }
+    env.fake.apply(&Churn {
+        inserts: 10,
+        ..Churn::default()
+    });
+    env.pass(Mode::Incremental).await.unwrap();
+    env.assert_mirror_equals_source().await;
+    let kept = common::scalar(&env.database_url, "SELECT COUNT(*) FROM rejected_items").await;
+    assert_eq!(kept, 40);
 }

@@ -66,7 +66,7 @@ pub enum SyncError {
         "Klarify broke its paging promise: {0}; nothing past the last good page was committed"
     )]
     Unordered(String),
-    #[error("Klarify served a full page of items that cannot be understood (kept in rejected_items); the sync cannot move past them")]
+    #[error("Klarify served more items that cannot be understood in a row than the largest page asked for holds (sync.tie_group_page_size); they are kept in rejected_items, and the sync cannot move past them")]
     Stuck,
     #[error("Klarify kept serving pages, more than its first totalCount can explain; what was read is committed and the next pass goes on from it")]
     TooManyRequests,

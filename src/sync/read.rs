@@ -258,8 +258,34 @@ impl<'a> Reader<'a> {
                 }
                 Step::Stuck => {
                     self.send_items(events, page, end).await?;
-                    return Err(SyncError::Stuck);
+                    first = Some(self.read_past_unreadable(cursor).await?);
                 }
+            }
+        }
+    }
+
+    /// Page 0 above `cursor` in pages larger than the pass's (up to `sync.tie_group_page_size`),
+    /// after a full page of items that cannot be understood (kept aside already): the first one
+    /// that shows a readable item, or the end, moves the cursor on as any page 0 does.
+    async fn read_past_unreadable(
+        &self,
+        cursor: Option<OffsetDateTime>,
+    ) -> Result<Page, SyncError> {
+        let limit = u64::from(self.whole_group_size.load(Ordering::Relaxed));
+        let mut size = u64::from(self.page_size());
+        loop {
+            let larger = size.saturating_mul(4).min(limit);
+            if larger <= size {
+                return Err(SyncError::Stuck);
+            }
+            size = larger;
+            let page = match self.fetch_sized(0, size, cursor).await {
+                Err(SyncError::Klarify(e)) if e.is_refusal() => return Err(SyncError::Stuck),
+                page => page?,
+            };
+            check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
+            if !page.items.is_empty() || (page.served() as u64) < size {
+                return Ok(page);
             }
         }
     }
