@@ -16,7 +16,7 @@ use klarify_sync::daemon::{Daemon, DaemonError, Pass, SyncPass};
 use klarify_sync::fake::{Fault, Organisation};
 use klarify_sync::http::{serve, HttpLimits};
 use klarify_sync::klarify::KlarifyClient;
-use klarify_sync::store::Store;
+use klarify_sync::store::{PageWrite, Store, UnprovenGroup};
 use klarify_sync::sync::{Mode, PassReport, SyncError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +30,7 @@ on_both_backends!(
     a_panicking_pass_is_a_failed_pass_and_retried,
     a_sync_loop_that_dies_ends_the_daemon,
     readyz_probes_cannot_take_the_syncs_connections,
+    an_unproven_tie_group_shows_in_readyz_status_and_metrics,
 );
 
 type Running = (
@@ -474,4 +475,67 @@ async fn beyond_the_cap_the_oldest_connection_makes_room() {
     let response = get_within_5s(addr, "/ok").await;
     assert_eq!(response.status(), 200);
     closed_by_server(&mut idle[0]).await;
+}
+
+async fn an_unproven_tie_group_shows_in_readyz_status_and_metrics(backend: Backend) {
+    let env = Env::new(backend, Organisation::generate(36, 40), 50).await;
+    // Any unproven group is overdue at once; no pass is scheduled before next year.
+    let mut daemon = daemon(&env, sync_pass(&env), "0 0 0 1 1 *");
+    daemon.max_unproven = Duration::ZERO;
+    let (addr, stop, task) = run(daemon).await;
+    eventually("the first pass succeeds", || async {
+        let (status, body) = readyz(addr).await;
+        status == 200 && body["unproven_tie_groups"] == 0
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for gauge in [
+        "klarify_sync_unproven_tie_groups 0",
+        "klarify_sync_future_dated_procedures 0",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge} missing from /metrics");
+    }
+    // As a pass leaves a group it could not prove complete.
+    let at = klarify_sync::klarify::parse_instant("2025-05-01T10:00:00Z").unwrap();
+    let run = env.store.begin_run("incremental", None).await.unwrap();
+    let group = UnprovenGroup {
+        at,
+        size_bound: 450,
+        size_counted: 449,
+    };
+    env.store
+        .write_page(&PageWrite {
+            run,
+            items: &[],
+            rejected: &[],
+            watermark: None,
+            track_seen: false,
+            unproven: &[group],
+            proven: &[],
+        })
+        .await
+        .unwrap();
+    let (status, body) = readyz(addr).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["reason"], "unproven_tie_group", "{body}");
+    assert_eq!(body["unproven_tie_groups"], 1, "{body}");
+    let shown = klarify_sync::status::render_text(
+        &env.store
+            .status(1, time::OffsetDateTime::now_utc())
+            .await
+            .unwrap(),
+    );
+    assert!(
+        shown.contains(
+            "tie group at 2025-05-01T10:00:00.000000Z: at most 450 procedure(s), 449 served since"
+        ),
+        "{shown}"
+    );
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
 }
