@@ -427,3 +427,102 @@ async fn background_churn_runs_until_shutdown_and_shutdown_does_not_hang() {
     assert!(reqwest::get(url).await.is_err(), "no longer serving");
     clone.shutdown().await; // a second shutdown through a clone is harmless
 }
+
+#[tokio::test]
+async fn max_page_size_caps_pages_silently_and_counts_them_in_the_cap() {
+    let options = FakeOptions {
+        max_page_size: Some(30),
+        ..FakeOptions::default()
+    };
+    let fake = FakeKlarify::start(Organisation::generate(5, 100), options)
+        .await
+        .unwrap();
+    let all = fake.snapshot();
+    let mut seen = Vec::new();
+    for (number, len, next) in [
+        ("0", 30, true),
+        ("1", 30, true),
+        ("2", 30, true),
+        ("3", 10, false),
+    ] {
+        let body = page(&fake, &[("page", number), ("pageSize", "50")]).await;
+        let data = body["data"].as_array().unwrap();
+        assert_eq!(data.len(), len, "page {number}");
+        assert_eq!(body["hasNext"], next, "page {number}");
+        assert_eq!(body["totalCount"], 100);
+        seen.extend(data.clone());
+    }
+    assert_eq!(
+        seen, all,
+        "page n starts at n times the cap: nothing skipped or repeated"
+    );
+    let small = page(&fake, &[("page", "1"), ("pageSize", "10")]).await;
+    assert_eq!(
+        small["data"].as_array().unwrap()[..],
+        all[10..20],
+        "smaller pages as asked"
+    );
+}
+
+/// Every page of `base_url`, in `updated_at` order, by requests for 100 items each.
+async fn sweep(http: &reqwest::Client, base_url: &str) -> Vec<Vec<Value>> {
+    let mut pages = Vec::new();
+    loop {
+        let number = pages.len().to_string();
+        let query = [
+            ("access_key", "test-key"),
+            ("sort", "updated_at,asc"),
+            ("pageSize", "100"),
+            ("page", number.as_str()),
+        ];
+        let url = format!("{base_url}/api/procedures");
+        let body: Value = http
+            .get(url)
+            .query(&query)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pages.push(body["data"].as_array().unwrap().clone());
+        if body["hasNext"] == false {
+            return pages;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_fake_binary_caps_pages_and_shuffles_ties_on_request() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake-klarify"))
+        .args([
+            "--procedures",
+            "300",
+            "--max-page-size",
+            "7",
+            "--unstable-ties",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let base_url = lines.next_line().await.unwrap().unwrap();
+    let http = reqwest::Client::new();
+    let first = sweep(&http, &base_url).await;
+    assert_eq!(
+        first.len(),
+        300_usize.div_ceil(7),
+        "pages of 7 whatever is asked for"
+    );
+    assert!(first.iter().all(|p| p.len() <= 7));
+    let second = sweep(&http, &base_url).await;
+    assert_ne!(
+        ids(&first.concat()),
+        ids(&second.concat()),
+        "ties in a new order per request"
+    );
+    child.kill().await.unwrap();
+}

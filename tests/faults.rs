@@ -42,6 +42,8 @@ on_both_backends!(
     has_next_at_random_converges,
     a_total_count_that_disagrees_converges,
     an_understated_total_count_cannot_pass_off_an_incomplete_tie_group,
+    a_total_count_near_u64_max_neither_panics_nor_loses_items,
+    a_server_ignoring_page_leaves_a_tie_group_unproven_in_bounded_time,
     duplicate_ids_within_a_page_newest_wins,
     very_long_strings_do_not_stop_the_sync,
     a_very_long_id_does_not_stop_the_sync,
@@ -500,6 +502,49 @@ async fn an_understated_total_count_cannot_pass_off_an_incomplete_tie_group(back
     }
 }
 
+/// Planning ranges multiplies `totalCount` by the range number: near u64::MAX that wrapped (a
+/// panic in a debug build).
+async fn a_total_count_near_u64_max_neither_panics_nor_loses_items(backend: Backend) {
+    let mut env = Env::new(backend, Organisation::generate(56, 300), 25).await;
+    let saboteur = Saboteur::start(&env.fake).await;
+    use_client(&mut env, settings(&saboteur.base_url(), 25));
+    saboteur.rewrite(Rewrite::Total(u64::MAX - 1));
+    for mode in [Mode::Backfill, Mode::Incremental] {
+        bulk_and_scattered(&env);
+        let result = env.pass(mode).await;
+        assert_watermark_not_ahead(&env, "totalCount near u64::MAX").await;
+        result.unwrap_or_else(|e| panic!("totalCount near u64::MAX, {mode:?}: {e}"));
+        env.assert_mirror_equals_source().await;
+    }
+}
+
+/// Page numbers are how a tie group's end is found: a server that serves page 0 whatever is
+/// asked for never shows it, and probing for it went on for ever.
+async fn a_server_ignoring_page_leaves_a_tie_group_unproven_in_bounded_time(backend: Backend) {
+    let org = Organisation::generate_grouped(57, 100, &[60]);
+    let mut env = Env::new(backend, org, 25).await;
+    // Read page by page: one response holding the whole group would prove it at once.
+    env.options.tie_group_page_size = 25;
+    env.options.tie_group_rounds = 4;
+    let saboteur = Saboteur::start(&env.fake).await;
+    use_client(&mut env, settings(&saboteur.base_url(), 25));
+    saboteur.rewrite(Rewrite::IgnorePage);
+    let report = tokio::time::timeout(Duration::from_secs(120), env.pass(Mode::Backfill))
+        .await
+        .expect("the pass ends")
+        .unwrap();
+    assert_eq!(report.unproven_groups, 1);
+    assert_watermark_not_ahead(&env, "page ignored").await;
+    // Each round probes at most 64 pages, and collects none when no probe found the end.
+    assert!(
+        saboteur.connections() < 4 * 64 + 20,
+        "{} requests",
+        saboteur.connections()
+    );
+    saboteur.rewrite(Rewrite::None);
+    converges(&env, "page honoured again").await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Hostile items
 
@@ -936,6 +981,10 @@ enum Rewrite {
     TotalHalf,
     TotalZero,
     TotalRandom,
+    /// `totalCount` is this, whatever the data.
+    Total(u64),
+    /// Every request is forwarded as one for page 0, as by a server that ignores `page`.
+    IgnorePage,
 }
 
 /// An HTTP/1.1 proxy in front of a fake Klarify that misbehaves on request: per connection
@@ -1079,6 +1128,10 @@ impl SaboteurInner {
     }
 
     async fn forward(&self, mut socket: TcpStream, target: &str) -> std::io::Result<()> {
+        let target = match *self.rewrite.lock().unwrap() {
+            Rewrite::IgnorePage => first_page(target),
+            _ => target.to_owned(),
+        };
         let Ok(response) = self
             .http
             .get(format!("{}{target}", self.upstream))
@@ -1125,12 +1178,13 @@ impl SaboteurInner {
                 let total = page["totalCount"].as_u64().unwrap_or(0);
                 let mut rng = self.rng.lock().unwrap();
                 match rewrite {
-                    Rewrite::None => {}
+                    Rewrite::None | Rewrite::IgnorePage => {}
                     Rewrite::HasNext(b) => page["hasNext"] = b.into(),
                     Rewrite::HasNextRandom => page["hasNext"] = rng.gen_bool(0.5).into(),
                     Rewrite::TotalPlus(n) => page["totalCount"] = (total + n).into(),
                     Rewrite::TotalHalf => page["totalCount"] = (total / 2).into(),
                     Rewrite::TotalZero => page["totalCount"] = 0.into(),
+                    Rewrite::Total(n) => page["totalCount"] = n.into(),
                     Rewrite::TotalRandom => {
                         page["totalCount"] = rng.gen_range(0..=2 * total + 1).into()
                     }
@@ -1148,4 +1202,14 @@ impl SaboteurInner {
         }
         text.into_bytes()
     }
+}
+
+/// `target` asking for page 0 instead of the page it names.
+fn first_page(target: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params: Vec<&str> = query
+        .split('&')
+        .map(|p| if p.starts_with("page=") { "page=0" } else { p })
+        .collect();
+    format!("{path}?{}", params.join("&"))
 }

@@ -26,6 +26,13 @@ struct Args {
     /// Added to every response, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Serve procedures sharing one `updated_at` in a new order on every request.
+    #[arg(long)]
+    unstable_ties: bool,
+    /// Serve at most this many items per page, whatever `pageSize` asks for, as a server that
+    /// caps its pages silently.
+    #[arg(long)]
+    max_page_size: Option<u64>,
 }
 
 #[tokio::main]
@@ -34,6 +41,8 @@ async fn main() -> std::io::Result<()> {
     let options = FakeOptions {
         access_key: args.key,
         latency: Duration::from_millis(args.latency_ms),
+        unstable_ties: args.unstable_ties,
+        max_page_size: args.max_page_size,
         ..FakeOptions::default()
     };
     let fake =
