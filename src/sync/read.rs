@@ -468,23 +468,35 @@ impl<'a> Reader<'a> {
         if let Some(end) = end {
             items.retain(|p| p.updated_at <= end);
         }
-        let bytes = items.iter().map(item_bytes).sum::<usize>()
-            + page
-                .rejected
-                .iter()
-                .map(|r| r.raw.len() + r.reason.len())
-                .sum::<usize>();
-        let share = u32::try_from(bytes.clamp(1, EVENT_BYTES)).expect("EVENT_BYTES fits in u32");
-        let held = tokio::select! {
-            held = self.buffered.clone().acquire_many_owned(share) => held.expect("the budget is never closed"),
-            () = self.stop.cancelled() => return Err(SyncError::Interrupted),
-        };
-        let event = Event::Items {
-            items,
-            rejected: page.rejected,
-            held,
-        };
-        send(events, event).await
+        let mut rejected = page.rejected;
+        // A page of large items goes as several events, so that what each holds of the budget
+        // is what it takes (only a single item larger than an event's share is counted short).
+        let mut items = items.into_iter().peekable();
+        loop {
+            let mut bytes: usize = rejected.iter().map(|r| r.raw.len() + r.reason.len()).sum();
+            let mut part = Vec::new();
+            while let Some(item) =
+                items.next_if(|p| part.is_empty() || bytes + item_bytes(p) <= EVENT_BYTES)
+            {
+                bytes += item_bytes(&item);
+                part.push(item);
+            }
+            let share =
+                u32::try_from(bytes.clamp(1, EVENT_BYTES)).expect("EVENT_BYTES fits in u32");
+            let held = tokio::select! {
+                held = self.buffered.clone().acquire_many_owned(share) => held.expect("the budget is never closed"),
+                () = self.stop.cancelled() => return Err(SyncError::Interrupted),
+            };
+            let event = Event::Items {
+                items: part,
+                rejected: std::mem::take(&mut rejected),
+                held,
+            };
+            send(events, event).await?;
+            if items.peek().is_none() {
+                return Ok(());
+            }
+        }
     }
 
     fn page_size(&self) -> u32 {
