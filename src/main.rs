@@ -200,7 +200,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let daemon = Daemon {
-        pass: SyncPass { client, options },
+        pass: SyncPass {
+            client,
+            options: options.clone(),
+        },
         database_url: database_url.clone(),
         max_connections: settings.database.max_connections,
         cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
@@ -211,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
         max_unproven: Duration::from_secs(settings.health.max_unproven_secs),
+        max_future_skew: options.max_future_skew,
         retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
         http: HttpLimits::default(),
     }
