@@ -288,54 +288,7 @@ impl Graph {
         out.push_str(
             "];\n  node [shape=box, style=rounded, fontname=\"sans-serif\"];\n  edge [color=\"#444444\"];\n",
         );
-        for (k, (group, members)) in self.groups().into_iter().enumerate() {
-            let indent = match group {
-                Some(g) => {
-                    let _ = writeln!(
-                        out,
-                        "  subgraph cluster_{k} {{\n    label=\"{}\";",
-                        dot_escape(g)
-                    );
-                    "    "
-                }
-                None => "  ",
-            };
-            for i in members {
-                let n = &self.nodes[i];
-                let label = dot_escape(&n.label);
-                let _ = match n.kind {
-                    Kind::Procedure => writeln!(out, "{indent}n{i} [label=\"{label}\"];"),
-                    Kind::Ambiguous { candidates } => writeln!(
-                        out,
-                        "{indent}n{i} [label=\"{label}\\n({candidates} procedures have this name)\", style=\"rounded,dotted\", color=darkorange];"
-                    ),
-                    Kind::Unresolved => writeln!(
-                        out,
-                        "{indent}n{i} [label=\"{label}\\n(no live procedure has this name)\", style=\"rounded,dashed\", color=grey50, fontcolor=grey30];"
-                    ),
-                };
-            }
-            if group.is_some() {
-                out.push_str("  }\n");
-            }
-        }
-        for e in &self.edges {
-            let mut attrs = Vec::new();
-            if e.relation == Relation::CalledFrom {
-                attrs.push("style=dashed");
-            }
-            match self.nodes[e.from].kind {
-                Kind::Procedure => {}
-                Kind::Ambiguous { .. } => attrs.push("color=darkorange"),
-                Kind::Unresolved => attrs.push("color=grey50"),
-            }
-            let attrs = if attrs.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", attrs.join(", "))
-            };
-            let _ = writeln!(out, "  n{} -> n{}{attrs};", e.from, e.to);
-        }
+        self.write_body(&mut out, &DOT);
         out.push_str("}\n");
         out
     }
@@ -349,40 +302,7 @@ impl Graph {
         if let Some(note) = &self.note {
             let _ = writeln!(out, "  note[\"{}\"]:::note", mermaid_escape(note));
         }
-        for (k, (group, members)) in self.groups().into_iter().enumerate() {
-            let indent = match group {
-                Some(g) => {
-                    let _ = writeln!(out, "  subgraph g{k}[\"{}\"]", mermaid_escape(g));
-                    "    "
-                }
-                None => "  ",
-            };
-            for i in members {
-                let n = &self.nodes[i];
-                let label = mermaid_escape(&n.label);
-                let _ = match n.kind {
-                    Kind::Procedure => writeln!(out, "{indent}n{i}[\"{label}\"]"),
-                    Kind::Ambiguous { candidates } => writeln!(
-                        out,
-                        "{indent}n{i}[\"{label}<br/>({candidates} procedures have this name)\"]:::ambiguous"
-                    ),
-                    Kind::Unresolved => writeln!(
-                        out,
-                        "{indent}n{i}[\"{label}<br/>(no live procedure has this name)\"]:::unresolved"
-                    ),
-                };
-            }
-            if group.is_some() {
-                out.push_str("  end\n");
-            }
-        }
-        for e in &self.edges {
-            let arrow = match e.relation {
-                Relation::CalledWithin => "-->",
-                Relation::CalledFrom => "-.->",
-            };
-            let _ = writeln!(out, "  n{} {arrow} n{}", e.from, e.to);
-        }
+        self.write_body(&mut out, &MERMAID);
         out.push_str(
             "  classDef ambiguous stroke:#d97706,stroke-dasharray:2 2\n  \
              classDef unresolved stroke:#888,color:#555,stroke-dasharray:5 5\n  \
@@ -390,7 +310,114 @@ impl Graph {
         );
         out
     }
+
+    /// The groups with their nodes, then the edges.
+    fn write_body(&self, out: &mut String, syntax: &Syntax) {
+        for (k, (group, members)) in self.groups().into_iter().enumerate() {
+            let indent = match group {
+                Some(g) => {
+                    out.push_str(&(syntax.group)(k, &(syntax.escape)(g)));
+                    "    "
+                }
+                None => "  ",
+            };
+            for i in members {
+                let n = &self.nodes[i];
+                let mut label = (syntax.escape)(&n.label);
+                match n.kind {
+                    Kind::Procedure => {}
+                    Kind::Ambiguous { candidates } => {
+                        let _ = write!(
+                            label,
+                            "{}({candidates} procedures have this name)",
+                            syntax.line_break
+                        );
+                    }
+                    Kind::Unresolved => {
+                        let _ = write!(
+                            label,
+                            "{}(no live procedure has this name)",
+                            syntax.line_break
+                        );
+                    }
+                }
+                let _ = writeln!(out, "{indent}{}", (syntax.node)(i, &label, &n.kind));
+            }
+            if group.is_some() {
+                out.push_str(syntax.group_end);
+            }
+        }
+        for e in &self.edges {
+            let _ = writeln!(out, "  {}", (syntax.edge)(e, &self.nodes[e.from].kind));
+        }
+    }
 }
+
+/// What differs between the two languages.
+struct Syntax {
+    escape: fn(&str) -> String,
+    line_break: &'static str,
+    /// The line opening group `k`, given its escaped label.
+    group: fn(usize, &str) -> String,
+    group_end: &'static str,
+    /// Node `i`, given its escaped label.
+    node: fn(usize, &str, &Kind) -> String,
+    /// An edge, given the kind of the node it starts from.
+    edge: fn(&Edge, &Kind) -> String,
+}
+
+static DOT: Syntax = Syntax {
+    escape: dot_escape,
+    line_break: "\\n",
+    group: |k, label| format!("  subgraph cluster_{k} {{\n    label=\"{label}\";\n"),
+    group_end: "  }\n",
+    node: |i, label, kind| {
+        let style = match kind {
+            Kind::Procedure => "",
+            Kind::Ambiguous { .. } => ", style=\"rounded,dotted\", color=darkorange",
+            Kind::Unresolved => ", style=\"rounded,dashed\", color=grey50, fontcolor=grey30",
+        };
+        format!("n{i} [label=\"{label}\"{style}];")
+    },
+    edge: |e, from| {
+        let mut attrs = Vec::new();
+        if e.relation == Relation::CalledFrom {
+            attrs.push("style=dashed");
+        }
+        match from {
+            Kind::Procedure => {}
+            Kind::Ambiguous { .. } => attrs.push("color=darkorange"),
+            Kind::Unresolved => attrs.push("color=grey50"),
+        }
+        if attrs.is_empty() {
+            format!("n{} -> n{};", e.from, e.to)
+        } else {
+            format!("n{} -> n{} [{}];", e.from, e.to, attrs.join(", "))
+        }
+    },
+};
+
+static MERMAID: Syntax = Syntax {
+    escape: mermaid_escape,
+    line_break: "<br/>",
+    group: |k, label| format!("  subgraph g{k}[\"{label}\"]\n"),
+    group_end: "  end\n",
+    node: |i, label, kind| {
+        let class = match kind {
+            Kind::Procedure => "",
+            Kind::Ambiguous { .. } => ":::ambiguous",
+            Kind::Unresolved => ":::unresolved",
+        };
+        format!("n{i}[\"{label}\"]{class}")
+    },
+    edge: |e, _| {
+        let arrow = match e.relation {
+            Relation::CalledWithin => "-->",
+            Relation::CalledFrom => "-.->",
+        };
+        format!("n{} {arrow} n{}", e.from, e.to)
+    },
+};
 
 /// The text of a DOT double-quoted string: quotes and backslashes escaped (a backslash would
 /// start one of DOT's label escapes), line breaks as DOT's `\n`.
