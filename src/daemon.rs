@@ -124,7 +124,7 @@ impl<P: Pass> BoundDaemon<P> {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), DaemonError> {
-        tracing::info!(addr = %self.local_addr(), "serving the status page, /healthz, /readyz and /metrics");
+        tracing::info!(addr = %self.local_addr(), "serving /healthz, /readyz and /metrics");
         let Daemon {
             pass,
             database_url,
