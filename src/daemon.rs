@@ -23,7 +23,7 @@ use tokio::task::JoinError;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{router, serve, HttpLimits, Readiness};
+use crate::http::{router, serve, HttpLimits, PageSettings, Readiness};
 use crate::klarify::KlarifyClient;
 use crate::store::{LockGuard, LockKind, Store, StoreError};
 use crate::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};
@@ -85,6 +85,8 @@ pub struct Daemon<P = SyncPass> {
     pub max_staleness: Duration,
     /// How long a tie group may stay unproven before `/readyz` says so.
     pub max_unproven: Duration,
+    /// `sync.max_future_skew_secs`, for the status page's count of future-dated procedures.
+    pub max_future_skew: Duration,
     /// First and longest wait before a failed pass is retried (the next cron tick may come first).
     pub retry_delays: (Duration, Duration),
     pub http: HttpLimits,
@@ -131,6 +133,7 @@ impl<P: Pass> BoundDaemon<P> {
             backfill_cron,
             max_staleness,
             max_unproven,
+            max_future_skew,
             retry_delays,
             http: limits,
         } = self.daemon;
@@ -141,7 +144,10 @@ impl<P: Pass> BoundDaemon<P> {
 
         let mut http = tokio::spawn(serve(
             self.listener,
-            router(readiness.clone()),
+            router(
+                readiness.clone(),
+                PageSettings::new(cron.clone(), backfill_cron.clone(), max_future_skew),
+            ),
             limits,
             token.clone(),
         ));
@@ -347,6 +353,7 @@ impl<P: Pass> SyncLoop<P> {
         };
         // The pass's state dies with it; what it committed is consistent by construction (the
         // watermark travels with each page), and the next pass marks its run `abandoned`.
+        self.readiness.pass_started();
         let ran = AssertUnwindSafe(self.pass.run(&self.store, mode, &self.token))
             .catch_unwind()
             .await;

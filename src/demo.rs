@@ -43,6 +43,7 @@ pub fn banner(source: &FakeKlarify, database_url: &str, mut http: SocketAddr) {
     };
     println!(
         "\nklarify-sync demo: mirroring a sample organisation of {PROCEDURES} procedures from {} into {}\n\
+         \x20 status:    http://{http}/ (in a browser)\n\
          \x20 readiness: curl http://{http}/readyz\n\
          \x20 metrics:   curl http://{http}/metrics\n\
          \x20 the data:  {look}\n\

@@ -1,11 +1,12 @@
-//! The HTTP side: `/healthz`, `/readyz` and `/metrics`, served within limits that keep any
-//! number of clients, idle or slow, from taking what the sync needs.
+//! The HTTP side: `/healthz`, `/readyz`, `/metrics` and the status page (`/`, with the call
+//! graph's neighbourhoods at `/graph.svg`), served within limits that keep any number of
+//! clients, idle or slow, from taking what the sync needs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{FromRef, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -31,6 +32,11 @@ struct SyncHealth {
     failure: Option<(&'static str, String)>,
     /// When passes started failing, for "API unreachable since T".
     failing_since: Option<OffsetDateTime>,
+    /// When the pass running now started.
+    running_since: Option<OffsetDateTime>,
+    /// Whether this instance has taken the leader lock (`Some(true)`) or found another holding
+    /// it (`Some(false)`); `None` until it tried.
+    leads: Option<bool>,
 }
 
 /// Shared between the sync loop (writer) and the HTTP handlers (readers).
@@ -57,8 +63,16 @@ impl Readiness {
         let _ = self.store.set(store);
     }
 
+    /// A pass starts: this instance leads.
+    pub fn pass_started(&self) {
+        let mut h = self.health.lock().expect("health lock poisoned");
+        h.running_since = Some(OffsetDateTime::now_utc());
+        h.leads = Some(true);
+    }
+
     pub fn pass_succeeded(&self) {
         let mut h = self.health.lock().expect("health lock poisoned");
+        h.running_since = None;
         h.last_success = Some(OffsetDateTime::now_utc());
         h.failure = None;
         h.failing_since = None;
@@ -77,10 +91,12 @@ impl Readiness {
         let detail =
             "another klarify-sync instance leads on this database; this one takes over if it stops";
         self.not_ready("standby", detail.to_owned());
+        self.health.lock().expect("health lock poisoned").leads = Some(false);
     }
 
     fn not_ready(&self, reason: &'static str, detail: String) {
         let mut h = self.health.lock().expect("health lock poisoned");
+        h.running_since = None;
         h.failure = Some((reason, detail));
         h.failing_since.get_or_insert_with(OffsetDateTime::now_utc);
     }
@@ -174,12 +190,205 @@ fn reason_code(error: &SyncError) -> &'static str {
     }
 }
 
-pub fn router(readiness: Readiness) -> Router {
+pub fn router(readiness: Readiness, page: PageSettings) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(readiness)
+        .route("/", get(status_page))
+        .route("/graph.svg", get(graph_svg))
+        .with_state(AppState {
+            readiness,
+            page: Arc::new(page),
+        })
+}
+
+/// What the status page shows of the settings, and how it draws graphs.
+#[derive(Debug, Clone)]
+pub struct PageSettings {
+    /// The schedule as the daemon runs it (6-field cron).
+    pub cron: String,
+    pub backfill_cron: Option<String>,
+    /// `sync.max_future_skew_secs`, for the count of future-dated procedures `status` shows.
+    pub max_future_skew: Duration,
+    /// Graphviz's `dot`, looked up on PATH unless a path is given.
+    pub dot: std::path::PathBuf,
+    /// A `dot` that runs longer is stopped: a picture is not worth a stuck request.
+    pub dot_timeout: Duration,
+}
+
+impl PageSettings {
+    pub fn new(cron: String, backfill_cron: Option<String>, max_future_skew: Duration) -> Self {
+        Self {
+            cron,
+            backfill_cron,
+            max_future_skew,
+            dot: "dot".into(),
+            dot_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    readiness: Readiness,
+    page: Arc<PageSettings>,
+}
+
+impl FromRef<AppState> for Readiness {
+    fn from_ref(state: &AppState) -> Self {
+        state.readiness.clone()
+    }
+}
+
+/// The page and the SVG show names the API served: nothing on them may run or load anything.
+const PAGE_POLICY: (header::HeaderName, &str) = (
+    header::CONTENT_SECURITY_POLICY,
+    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+);
+
+async fn status_page(State(s): State<AppState>) -> Response {
+    let now = OffsetDateTime::now_utc();
+    let readiness = s.readiness.check().await.map(|_| ()).map_err(|body| {
+        let text = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
+        (text("reason"), text("detail"))
+    });
+    let mirror = match s.readiness.store.get() {
+        None => Err("the database is not open yet".to_owned()),
+        Some(store) => {
+            let read = store.status(20, now + s.page.max_future_skew);
+            match tokio::time::timeout(Duration::from_secs(2), read).await {
+                Ok(Ok(status)) => Ok(status),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the database did not answer within 2s".to_owned()),
+            }
+        }
+    };
+    let (role, syncing_since) = {
+        let h = s.readiness.health.lock().expect("health lock poisoned");
+        let role = match h.leads {
+            Some(true) => "leader",
+            Some(false) => "standby",
+            None => "starting",
+        };
+        (role, h.running_since)
+    };
+    let live = crate::status::Live {
+        readiness,
+        role,
+        syncing_since,
+        cron: &s.page.cron,
+        backfill_cron: s.page.backfill_cron.as_deref(),
+        now,
+    };
+    let html = crate::status::render_html(mirror.as_ref().map_err(String::as_str), &live);
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            PAGE_POLICY,
+        ],
+        html,
+    )
+        .into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct GraphQuery {
+    around: String,
+    depth: Option<usize>,
+}
+
+/// Bounds on a neighbourhood drawn for the page: Graphviz's time grows fast with the nodes.
+const MAX_DEPTH: usize = 4;
+const MAX_NODES: usize = 300;
+
+#[derive(Debug, thiserror::Error)]
+enum PageError {
+    #[error("the database is not open yet")]
+    NotConnected,
+    #[error(transparent)]
+    Graph(#[from] crate::graph::GraphError),
+    #[error("Graphviz is not installed where klarify-sync runs: apt-get install graphviz (or run `klarify-sync graph --around NAME | dot -Tsvg` where it is)")]
+    NoDot,
+    #[error("Graphviz's dot failed: {0}")]
+    Dot(String),
+    #[error("Graphviz's dot took longer than {0:?}: ask for fewer calls around")]
+    DotTimeout(Duration),
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        use crate::graph::GraphError;
+        let status = match &self {
+            PageError::NotConnected | PageError::Graph(GraphError::Store(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            PageError::Graph(GraphError::NoSuchName(_)) => StatusCode::NOT_FOUND,
+            PageError::NoDot => StatusCode::NOT_IMPLEMENTED,
+            PageError::Dot(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PageError::DotTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        };
+        let html = format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>klarify-sync: call graph</title></head>\
+             <body><p>{}</p><p><a href=\"/\">Back to the status page</a></p></body></html>\n",
+            crate::status::esc(&self.to_string())
+        );
+        (
+            status,
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                PAGE_POLICY,
+            ],
+            html,
+        )
+            .into_response()
+    }
+}
+
+async fn graph_svg(
+    State(s): State<AppState>,
+    Query(q): Query<GraphQuery>,
+) -> Result<Response, PageError> {
+    let store = s.readiness.store.get().ok_or(PageError::NotConnected)?;
+    let options = crate::graph::Options {
+        around: Some((q.around, q.depth.unwrap_or(2).clamp(1, MAX_DEPTH))),
+        max_nodes: Some(MAX_NODES),
+        ..crate::graph::Options::default()
+    };
+    let dot = crate::graph::draw(store, &options).await?;
+    let svg = run_dot(&s.page, dot).await?;
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml"), PAGE_POLICY], svg).into_response())
+}
+
+/// `dot -Tsvg` over `source`, stopped after the page's timeout.
+async fn run_dot(page: &PageSettings, source: String) -> Result<Vec<u8>, PageError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(&page.dot)
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => PageError::NoDot,
+            _ => PageError::Dot(e.to_string()),
+        })?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let ran = tokio::time::timeout(page.dot_timeout, async move {
+        // dot reads all of its input before it writes: no deadlock between the two pipes.
+        stdin.write_all(source.as_bytes()).await?;
+        drop(stdin);
+        child.wait_with_output().await
+    })
+    .await
+    .map_err(|_| PageError::DotTimeout(page.dot_timeout))?
+    .map_err(|e| PageError::Dot(e.to_string()))?;
+    if !ran.status.success() {
+        let stderr = String::from_utf8_lossy(&ran.stderr);
+        return Err(PageError::Dot(format!("{}: {}", ran.status, stderr.trim())));
+    }
+    Ok(ran.stdout)
 }
 
 async fn readyz(State(r): State<Readiness>) -> Response {

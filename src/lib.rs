@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod fake;
+pub mod graph;
 pub mod http;
 pub mod klarify;
 pub mod metrics;

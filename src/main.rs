@@ -15,7 +15,7 @@ use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::progress_bar::Bar;
 use klarify_sync::store::Store;
 use klarify_sync::sync::{run_pass_observed, Mode, Progress, SyncOptions};
-use klarify_sync::{demo, schedule, telemetry};
+use klarify_sync::{demo, graph, schedule, telemetry};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +52,23 @@ enum Command {
         /// How many passes to show.
         #[arg(long, default_value_t = 5)]
         passes: i64,
+    },
+    /// Print the live procedures' call graph from the mirror (Graphviz DOT by default).
+    Graph {
+        #[arg(long, value_enum, default_value_t)]
+        format: graph::Format,
+        /// Box the procedures by owner or by status.
+        #[arg(long, value_enum)]
+        group_by: Option<graph::GroupBy>,
+        /// Only the procedures of this name and their neighbourhood (see --depth).
+        #[arg(long, value_name = "NAME")]
+        around: Option<String>,
+        /// How many calls away from --around, either way.
+        #[arg(long, value_name = "N", default_value_t = 2, requires = "around")]
+        depth: usize,
+        /// Write it to FILE instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
 }
 
@@ -107,6 +124,21 @@ async fn async_main() -> ExitCode {
     let outcome = match cli.command {
         Some(Command::Healthcheck) => healthcheck(cli.config).await,
         Some(Command::Status { json, passes }) => status(cli.config, json, passes).await,
+        Some(Command::Graph {
+            format,
+            group_by,
+            around,
+            depth,
+            output,
+        }) => {
+            let options = graph::Options {
+                format,
+                group_by,
+                around: around.map(|name| (name, depth)),
+                max_nodes: None,
+            };
+            draw_graph(cli.config, &options, output).await
+        }
         None => run(cli).await,
     };
     match outcome {
@@ -168,7 +200,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let daemon = Daemon {
-        pass: SyncPass { client, options },
+        pass: SyncPass {
+            client,
+            options: options.clone(),
+        },
         database_url: database_url.clone(),
         max_connections: settings.database.max_connections,
         cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
@@ -179,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
         max_unproven: Duration::from_secs(settings.health.max_unproven_secs),
+        max_future_skew: options.max_future_skew,
         retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
         http: HttpLimits::default(),
     }
@@ -235,6 +271,31 @@ async fn status(config: Option<PathBuf>, json: bool, passes: i64) -> anyhow::Res
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
         print!("{}", klarify_sync::status::render_text(&status));
+    }
+    Ok(())
+}
+
+async fn draw_graph(
+    config: Option<PathBuf>,
+    options: &graph::Options,
+    output: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
+    settings.validate(false)?;
+    let store = Store::open_existing(&settings.database_url(false)).await?;
+    let drawn = graph::draw(&store, options).await;
+    store.close().await;
+    let drawn = drawn?;
+    match output {
+        Some(path) => std::fs::write(&path, drawn)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .lock()
+                .write_all(drawn.as_bytes())
+                .map_err(|e| anyhow::anyhow!("cannot write to standard output: {e}"))?
+        }
     }
     Ok(())
 }

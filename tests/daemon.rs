@@ -72,6 +72,7 @@ fn daemon<P: Pass>(env: &Env, pass: P, cron: &str) -> Daemon<P> {
         backfill_cron: None,
         max_staleness: Duration::from_secs(600),
         max_unproven: Duration::from_secs(3600),
+        max_future_skew: Duration::from_secs(60),
         retry_delays: (Duration::from_millis(50), Duration::from_millis(200)),
         http: HttpLimits::default(),
     }

@@ -112,11 +112,17 @@ const LIVE_CALLS: &str =
     "SELECT c.procedure_id, c.relation, c.related_name FROM procedure_calls c \
      JOIN procedures p ON p.id = c.procedure_id WHERE p.deleted_at IS NULL \
      ORDER BY c.procedure_id, c.relation, c.position";
+const GRAPH_NODES: &str =
+    "SELECT id, name, status, owner FROM procedures WHERE deleted_at IS NULL ORDER BY id";
+const GRAPH_EDGES: &str = "SELECT procedure_id, relation, related_name, related_procedure_id, \
+     resolution, candidates FROM procedure_call_edges ORDER BY procedure_id, relation, position";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the database {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("there is no klarify-sync mirror at {url}: run `klarify-sync --once` first, or point DATABASE_URL at the mirror")]
+    NoMirror { url: String },
     #[error("cannot apply the database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{}", explain(.0))]
@@ -236,6 +242,26 @@ pub struct Status {
     pub recent_runs: Vec<RunSummary>,
 }
 
+/// A live procedure as a node of the call graph.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct GraphNode {
+    pub id: String,
+    pub name: Option<String>,
+    pub status: Option<String>,
+    pub owner: Option<String>,
+}
+
+/// One row of the `procedure_call_edges` view (docs/schema.md).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CallEdge {
+    pub procedure_id: String,
+    pub relation: String,
+    pub related_name: String,
+    pub related_procedure_id: Option<String>,
+    pub resolution: String,
+    pub candidates: i64,
+}
+
 /// One row of `sync_runs`.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct RunSummary {
@@ -278,6 +304,47 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating a SQLite file when missing) and migrates the database.
     pub async fn open(url: &SecretString, max_connections: u32) -> Result<Self, StoreError> {
+        let store = Self::connect(url, max_connections, true).await?;
+        store
+            .dialect
+            .migrator
+            .run(&store.writer)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => StoreError::Connect {
+                    url: redact_url(url.expose_secret()),
+                    reason: explain(&e),
+                },
+                other => StoreError::Migrate(other),
+            })?;
+        Ok(store)
+    }
+
+    /// Opens a mirror a sync has made, creating and migrating nothing: for commands that only
+    /// read it, which would otherwise leave an empty mirror behind a mistyped URL.
+    pub async fn open_existing(url: &SecretString) -> Result<Self, StoreError> {
+        let store = Self::connect(url, 1, false).await?;
+        match store.ping().await {
+            Ok(()) => Ok(store),
+            Err(e) => {
+                store.close().await;
+                // No migrations table: a database, but not a mirror.
+                Err(match e {
+                    StoreError::Query(_) => StoreError::NoMirror {
+                        url: redact_url(url.expose_secret()),
+                    },
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Connects both pools; `create`: a missing SQLite file is created, else it is an error.
+    async fn connect(
+        url: &SecretString,
+        max_connections: u32,
+        create: bool,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let raw = url.expose_secret();
         let connect_error = |reason: String| StoreError::Connect {
@@ -287,6 +354,11 @@ impl Store {
         let kind = database_kind(raw).map_err(|e| connect_error(e.to_string()))?;
         let (dialect, locking) = match kind {
             DatabaseKind::Sqlite => {
+                if !create && !sqlite::exists(raw).map_err(|e| connect_error(explain(&e)))? {
+                    return Err(StoreError::NoMirror {
+                        url: redact_url(raw),
+                    });
+                }
                 let file = sqlite::prepare(raw)
                     .await
                     .map_err(|e| connect_error(explain(&e)))?;
@@ -317,10 +389,6 @@ impl Store {
         // peak memory 44 instead of 54 MiB).
         let writer = connect(options.clone().max_connections(1)).await?;
         let pool = connect(options.max_connections(max_connections)).await?;
-        dialect.migrator.run(&writer).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(e) => connect_error(explain(&e)),
-            other => StoreError::Migrate(other),
-        })?;
         Ok(Self {
             pool,
             writer,
@@ -704,6 +772,16 @@ impl Store {
         }
         procs.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(procs)
+    }
+
+    /// The live procedures, by id, and the edges between them (`procedure_call_edges`): what
+    /// `klarify-sync graph` draws. Edges of procedures written between the two reads may name
+    /// procedures not in the first; [`crate::graph`] leaves those out.
+    #[tracing::instrument(skip_all)]
+    pub async fn call_graph(&self) -> Result<(Vec<GraphNode>, Vec<CallEdge>), StoreError> {
+        let nodes = sqlx::query_as(GRAPH_NODES).fetch_all(&self.pool).await?;
+        let edges = sqlx::query_as(GRAPH_EDGES).fetch_all(&self.pool).await?;
+        Ok((nodes, edges))
     }
 
     /// The tie groups earlier passes could not prove they read completely, oldest instant first.

@@ -108,6 +108,14 @@ pub(super) static DIALECT: Dialect = Dialect {
     count_future: "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL AND updated_at > $1",
 };
 
+/// Whether the database file of `url` exists (an in-memory database always does).
+pub(super) fn exists(url: &str) -> Result<bool, sqlx::Error> {
+    let file = SqliteConnectOptions::from_str(url)?
+        .get_filename()
+        .to_owned();
+    Ok(file == Path::new(":memory:") || file.exists())
+}
+
 /// Creates the file when missing and switches it to WAL once (the mode is stored in the file),
 /// so that BI readers never block a sync and a sync never blocks them. Returns the database
 /// file, `None` for an in-memory database.

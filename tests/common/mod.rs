@@ -298,3 +298,16 @@ pub fn fail_one_range_mid_pass(fake: &FakeKlarify) {
         4 * 8,
     );
 }
+
+/// A name as hostile as the API may serve: quotes, a backslash, a line break and markup.
+pub const HOSTILE_NAME: &str = "Evil \"quoted\" \\ back\nslash <script>alert('x')</script> & #1;";
+
+/// Serves a copy of the source's first item under a new id, named [`HOSTILE_NAME`] and called
+/// within the first item, so that it is drawn with an edge.
+pub fn insert_hostile(fake: &FakeKlarify) {
+    let mut item = fake.snapshot()[0].clone();
+    item["called_within"] = serde_json::json!([item["name"].clone()]);
+    item["id"] = "hostile-1".into();
+    item["name"] = HOSTILE_NAME.into();
+    fake.insert_raw(item);
+}
