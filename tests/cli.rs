@@ -7,8 +7,7 @@ use std::os::fd::FromRawFd;
 use std::process::Stdio;
 use std::time::Duration;
 
-use assert_cmd::Command;
-use common::{assert_same, source_of};
+use common::{assert_same, run_binary, source_of, Output};
 use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -49,34 +48,9 @@ fn env_for(fake: &FakeKlarify, dir: &tempfile::TempDir) -> Vec<(String, String)>
     .collect()
 }
 
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs the binary to completion off the async runtime, so the fake keeps serving.
 async fn run(env: Vec<(String, String)>, args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::cargo_bin("klarify-sync")
-            .unwrap()
-            .env_clear()
-            .current_dir(dir.path())
-            .envs(env)
-            .args(args)
-            .timeout(Duration::from_secs(60))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let output = Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let output = run_binary(env, args).await;
     for secret in [KEY, DB_PASSWORD] {
         assert!(
             !output.stdout.contains(secret) && !output.stderr.contains(secret),

@@ -4,10 +4,8 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
-use assert_cmd::Command;
-use common::{Backend, Env, HOSTILE_NAME};
+use common::{run_binary, Backend, Env, Output, HOSTILE_NAME};
 use klarify_sync::fake::Organisation;
 use klarify_sync::sync::Mode;
 use secrecy::{ExposeSecret, SecretString};
@@ -18,39 +16,11 @@ on_both_backends!(
     no_mirror_is_one_line_and_creates_nothing,
 );
 
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `klarify-sync graph ARGS` against `url`, off the async runtime.
+/// Runs `klarify-sync graph ARGS` against `url`.
 async fn graph(url: &SecretString, args: &[&str]) -> Output {
-    let url = url.expose_secret().to_owned();
-    let args: Vec<String> = ["graph"]
-        .iter()
-        .chain(args)
-        .map(|s| s.to_string())
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::cargo_bin("klarify-sync")
-            .unwrap()
-            .env_clear()
-            .current_dir(dir.path())
-            .env("DATABASE_URL", url)
-            .args(args)
-            .timeout(Duration::from_secs(60))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let args: Vec<&str> = ["graph"].iter().chain(args).copied().collect();
+    let env = vec![("DATABASE_URL".to_owned(), url.expose_secret().to_owned())];
+    run_binary(env, &args).await
 }
 
 /// A mirror of 120 generated procedures (with names that resolve to none or to several) and

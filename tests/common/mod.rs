@@ -311,3 +311,35 @@ pub fn insert_hostile(fake: &FakeKlarify) {
     item["name"] = HOSTILE_NAME.into();
     fake.insert_raw(item);
 }
+
+/// What a run of the binary printed, and whether it succeeded.
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `klarify-sync` binary to completion with only `env` as its environment, in an empty
+/// working directory, off the async runtime (so an in-process fake keeps serving).
+pub async fn run_binary(env: Vec<(String, String)>, args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        assert_cmd::Command::cargo_bin("klarify-sync")
+            .unwrap()
+            .env_clear()
+            .current_dir(dir.path())
+            .envs(env)
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
