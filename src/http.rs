@@ -132,17 +132,14 @@ impl Readiness {
         };
         // Read under changes, a group is proven by a later pass; one that stays unproven this
         // long means members may be missing from the mirror while passes succeed.
-        let oldest = unproven.iter().map(|g| &g.recorded_at).min().cloned();
-        let overdue = unproven.iter().any(|g| {
-            crate::klarify::parse_instant(&g.recorded_at)
-                .is_ok_and(|at| OffsetDateTime::now_utc() - at > self.max_unproven)
-        });
+        let oldest = unproven.iter().map(|g| g.recorded_at).min();
+        let overdue = oldest.is_some_and(|at| OffsetDateTime::now_utc() - at > self.max_unproven);
         if overdue {
             return Err(json!({
                 "reason": "unproven_tie_group",
                 "detail": format!("a group of procedures sharing one updated_at has not been proven read completely for longer than health.max_unproven_secs ({}s): members may be missing from the mirror; see `klarify-sync status`", self.max_unproven.as_secs()),
                 "unproven_tie_groups": unproven.len(),
-                "oldest_unproven_since": oldest,
+                "oldest_unproven_since": oldest.map(crate::klarify::format_instant),
             }));
         }
         let h = self.health.lock().expect("health lock poisoned");

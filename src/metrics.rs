@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::store::RunRecord;
+use crate::store::{RunOutcome, RunRecord};
 use crate::sync::Mode;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -126,7 +126,7 @@ pub fn record_pass(mode: Mode, r: &RunRecord, duration: Duration) {
     let outcome = r.outcome;
     let mode = mode.as_str();
     metrics::histogram!("klarify_sync_pass_duration_seconds", "mode" => mode).record(duration);
-    metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome)
+    metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome.as_str())
         .increment(1);
     for (change, n) in [
         ("inserted", r.stats.inserted),
@@ -137,7 +137,7 @@ pub fn record_pass(mode: Mode, r: &RunRecord, duration: Duration) {
         metrics::counter!("klarify_sync_procedures_total", "change" => change).increment(n);
     }
     metrics::counter!("klarify_sync_rejected_items_total").increment(r.stats.new_rejected);
-    if outcome == "succeeded" {
+    if outcome == RunOutcome::Succeeded {
         let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
         metrics::gauge!("klarify_sync_last_success_timestamp_seconds").set(now);
     }

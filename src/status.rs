@@ -5,18 +5,24 @@ use std::fmt::Write;
 
 use time::OffsetDateTime;
 
-use crate::klarify::parse_instant;
-use crate::store::{RunSummary, Status};
+use crate::klarify::format_instant;
+use crate::store::{RunOutcome, RunSummary, Status};
 
 pub fn render_text(s: &Status) -> String {
     let mut out = String::new();
-    let watermark = s.watermark.as_deref().unwrap_or("none (never synced)");
+    let watermark = s
+        .watermark
+        .map_or_else(|| "none (never synced)".to_owned(), format_instant);
     let _ = writeln!(out, "backend     {}", s.backend);
     let _ = writeln!(out, "watermark   {watermark}");
     let _ = writeln!(
         out,
         "procedures  {} live, {} deleted; {} lanes, {} calls; {} rejected items",
-        s.live_procedures, s.deleted_procedures, s.lanes, s.calls, s.rejected_items
+        s.counts.live_procedures,
+        s.counts.deleted_procedures,
+        s.counts.lanes,
+        s.counts.calls,
+        s.counts.rejected_items
     );
     if s.future_dated > 0 {
         let _ = writeln!(
@@ -30,7 +36,11 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(
             out,
             "{label:<11} tie group at {}: at most {} procedure(s), {} served since; since {}, {} pass(es) tried",
-            g.at, g.size_bound, g.size_counted, g.recorded_at, g.checks
+            format_instant(g.at),
+            g.size_bound,
+            g.size_counted,
+            format_instant(g.recorded_at),
+            g.checks
         );
     }
     if s.recent_runs.is_empty() {
@@ -42,7 +52,7 @@ pub fn render_text(s: &Status) -> String {
             out,
             "{label:<11} #{} {} {} {}: {} pages, {} fetched, {} inserted, {} updated, {} unchanged, {} deleted, {} rejected{}",
             r.id,
-            r.started_at,
+            format_instant(r.started_at),
             r.mode,
             r.outcome,
             r.pages,
@@ -139,11 +149,8 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
             return out;
         }
     };
-    let watermark = match &s.watermark {
-        Some(w) => match parse_instant(w) {
-            Ok(at) => format!("{} ({} ago)", esc(w), age(live.now - at)),
-            Err(_) => esc(w),
-        },
+    let watermark = match s.watermark {
+        Some(at) => format!("{} ({} ago)", format_instant(at), age(live.now - at)),
         None => "none: never synced".to_owned(),
     };
     dd(&mut out, "Watermark", &watermark);
@@ -153,7 +160,7 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
         "Procedures",
         &format!(
             "{} live, {} deleted; {} lanes, {} calls",
-            s.live_procedures, s.deleted_procedures, s.lanes, s.calls
+            s.counts.live_procedures, s.counts.deleted_procedures, s.counts.lanes, s.counts.calls
         ),
     );
     dd(
@@ -161,7 +168,7 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
         "Rejected items",
         &format!(
             "{} (unreadable items the API served; the table <code>rejected_items</code> holds them)",
-            s.rejected_items
+            s.counts.rejected_items
         ),
     );
     if s.future_dated > 0 {
@@ -185,10 +192,10 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
             let _ = writeln!(
                 out,
                 "<tr><td>{}</td><td class=n>{}</td><td class=n>{}</td><td>{}</td><td class=n>{}</td></tr>",
-                esc(&g.at),
+                format_instant(g.at),
                 g.size_bound,
                 g.size_counted,
-                esc(&g.recorded_at),
+                format_instant(g.recorded_at),
                 g.checks
             );
         }
@@ -205,9 +212,9 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
                 out,
                 "<tr><td class=n>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td class=err>{}</td></tr>",
                 r.id,
-                esc(&r.started_at),
+                format_instant(r.started_at),
                 esc(&r.mode),
-                esc(&r.outcome),
+                r.outcome,
                 duration(r).map(age).unwrap_or_default(),
                 r.fetched,
                 r.inserted,
@@ -238,8 +245,7 @@ fn dd(out: &mut String, term: &str, html: &str) {
 
 /// How long a finished pass took.
 fn duration(r: &RunSummary) -> Option<time::Duration> {
-    let end = parse_instant(r.finished_at.as_deref()?).ok()?;
-    Some(end - parse_instant(&r.started_at).ok()?)
+    Some(r.finished_at? - r.started_at)
 }
 
 /// Two rows of bars, oldest pass first: how long each pass took, and how many procedures it
@@ -268,7 +274,7 @@ fn chart(runs: &[RunSummary]) -> String {
     for (i, r) in runs.iter().enumerate() {
         let x = 90 + i * BAR;
         let h = (secs[i] / max_secs * HEIGHT).max(1.0);
-        let colour = if r.outcome == "succeeded" {
+        let colour = if r.outcome == RunOutcome::Succeeded {
             "#3b82f6"
         } else {
             "#dc2626"
@@ -280,7 +286,7 @@ fn chart(runs: &[RunSummary]) -> String {
             BAR - 4,
             r.id,
             esc(&r.mode),
-            esc(&r.outcome),
+            r.outcome,
             secs[i]
         );
         let h = (changes[i] as f64 / max_changes * HEIGHT).max(1.0);

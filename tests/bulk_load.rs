@@ -39,8 +39,7 @@ async fn schema(backend: Backend, url: &SecretString) -> Vec<String> {
              ORDER BY 1"
         }
     };
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(url.expose_secret()).await.unwrap();
+    let pool = common::any_pool(url.expose_secret()).await.unwrap();
     let rows: Vec<(String,)> = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
     pool.close().await;
     rows.into_iter().map(|(s,)| s).collect()

@@ -16,7 +16,7 @@ use klarify_sync::daemon::{Daemon, DaemonError, Pass, SyncPass};
 use klarify_sync::fake::{Fault, Organisation};
 use klarify_sync::http::{serve, HttpLimits};
 use klarify_sync::klarify::KlarifyClient;
-use klarify_sync::store::{PageWrite, Store, UnprovenGroup};
+use klarify_sync::store::{PageWrite, RunOutcome, Store, UnprovenGroup};
 use klarify_sync::sync::{Mode, PassReport, SyncError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -156,8 +156,7 @@ async fn the_scheduled_reconciliation_detects_deletions(backend: Backend) {
 
 async fn pool(env: &Env) -> sqlx::AnyPool {
     use secrecy::ExposeSecret;
-    sqlx::any::install_default_drivers();
-    sqlx::AnyPool::connect(env.database_url.expose_secret())
+    common::any_pool(env.database_url.expose_secret())
         .await
         .unwrap()
 }
@@ -263,7 +262,7 @@ impl Pass for PanicsWhileSet {
         let begun = async {
             while !newest()
                 .await
-                .is_some_and(|(id, outcome)| id > before && outcome == "running")
+                .is_some_and(|(id, outcome)| id > before && outcome == RunOutcome::Running)
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -313,9 +312,9 @@ async fn a_panicking_pass_is_a_failed_pass_and_retried(backend: Backend) {
         .await
         .unwrap()
         .recent_runs;
-    assert_eq!(runs[0].outcome, "succeeded");
+    assert_eq!(runs[0].outcome, RunOutcome::Succeeded);
     assert!(
-        runs[1..].iter().all(|r| r.outcome == "abandoned"),
+        runs[1..].iter().all(|r| r.outcome == RunOutcome::Abandoned),
         "{runs:?}"
     );
     stop.send(()).unwrap();

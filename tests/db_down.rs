@@ -500,3 +500,48 @@ async fn a_read_only_sqlite_file_gets_a_clear_message() {
         assert_clear_sqlite_message(out, what, READ_ONLY);
     }
 }
+
+/// PostgreSQL's refusals are told in PostgreSQL's terms: a user without the privilege to create
+/// the mirror's tables, and a database that does not exist. (Through one driver for both
+/// backends, every error code was read as SQLite's, and a missing privilege came out as "the
+/// database file is locked… sqlite3 shell?".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refusals_get_postgres_messages() {
+    use sqlx::{Connection, Executor};
+    let fake = fake(10, Duration::ZERO).await;
+    let cwd = tempfile::tempdir().unwrap();
+    let url = common::pg::fresh_database().await;
+    let role = format!("kst_reader_{:08x}", rand::random::<u32>());
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    admin
+        .execute(format!("CREATE ROLE {role} LOGIN").as_str())
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    // PostgreSQL 15 lets only the owner create in `public`.
+    let as_reader = url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(as_reader, url, "the test server's URL names its user");
+
+    let out = run(command(&fake, &as_reader, cwd.path(), &["--once"])).await;
+    assert_one_clean_line(&out, "a user without privileges");
+    let line = out.stderr.to_lowercase();
+    assert!(
+        line.contains("privilege"),
+        "names the missing privilege: {}",
+        out.stderr
+    );
+    assert!(
+        !line.contains("sqlite") && !line.contains("locked"),
+        "says nothing of SQLite: {}",
+        out.stderr
+    );
+
+    let missing = format!("{}_missing", url.rsplit_once('?').map_or(&*url, |(u, _)| u));
+    let out = run(command(&fake, &missing, cwd.path(), &["--once"])).await;
+    assert_one_clean_line(&out, "a database that does not exist");
+    assert!(
+        out.stderr.contains("does not exist") && out.stderr.contains("createdb"),
+        "says the database is missing and how to make it: {}",
+        out.stderr
+    );
+}

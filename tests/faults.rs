@@ -551,8 +551,7 @@ async fn a_server_ignoring_page_leaves_a_tie_group_unproven_in_bounded_time(back
 /// `rejected_items` as `(raw, reason)`.
 async fn rejected(env: &Env) -> Vec<(String, String)> {
     use secrecy::ExposeSecret;
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(env.database_url.expose_secret())
+    let pool = common::any_pool(env.database_url.expose_secret())
         .await
         .unwrap();
     let rows = sqlx::query_as("SELECT raw, reason FROM rejected_items")

@@ -142,8 +142,7 @@ impl Mirror {
 }
 
 async fn pool(url: &SecretString) -> AnyPool {
-    sqlx::any::install_default_drivers();
-    AnyPool::connect(url.expose_secret()).await.unwrap()
+    common::any_pool(url.expose_secret()).await.unwrap()
 }
 
 fn item(id: &str, updated_at: &str, extra: &str) -> String {

@@ -114,8 +114,7 @@ impl Mirror {
     /// Opens the mirror as a reader would, or None when the killed process had not yet created
     /// the schema (opening it through `Store` would migrate it, doing the binary's job for it).
     async fn open_if_migrated(&self) -> Option<Store> {
-        sqlx::any::install_default_drivers();
-        let Ok(pool) = sqlx::AnyPool::connect(self.url.expose_secret()).await else {
+        let Ok(pool) = common::any_pool(self.url.expose_secret()).await else {
             return None;
         };
         let migrated: Result<(i64,), _> =
@@ -144,10 +143,7 @@ impl Mirror {
         store.close().await;
         assert_watermark_not_ahead(&committed, &mirror, &source_of(fake), context);
         if matches!(self.backend, Backend::Sqlite) {
-            sqlx::any::install_default_drivers();
-            let pool = sqlx::AnyPool::connect(self.url.expose_secret())
-                .await
-                .unwrap();
+            let pool = common::any_pool(self.url.expose_secret()).await.unwrap();
             let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
                 .fetch_one(&pool)
                 .await
@@ -476,10 +472,7 @@ async fn sigterm_mid_pass_exits_zero_and_the_next_start_resumes(backend: Backend
 
 /// `(outcome, watermark_before, inserted)` of every pass, oldest first.
 async fn runs(mirror: &Mirror) -> Vec<(String, Option<String>, i64)> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(mirror.url.expose_secret())
-        .await
-        .unwrap();
+    let pool = common::any_pool(mirror.url.expose_secret()).await.unwrap();
     let rows =
         sqlx::query_as("SELECT outcome, watermark_before, inserted FROM sync_runs ORDER BY id")
             .fetch_all(&pool)

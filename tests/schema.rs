@@ -1090,8 +1090,7 @@ fn sqlite_timestamp(cell: &str) -> String {
 // sqlx helpers.
 
 async fn any_pool(url: &SecretString) -> sqlx::AnyPool {
-    sqlx::any::install_default_drivers();
-    sqlx::AnyPool::connect(url.expose_secret()).await.unwrap()
+    common::any_pool(url.expose_secret()).await.unwrap()
 }
 
 async fn count_at(url: &SecretString, sql: &str) -> i64 {

@@ -19,7 +19,7 @@ fn wal_frames(shm: &[u8]) -> (u32, u32) {
 async fn a_commit_is_checkpointed_beside_the_writer() {
     let env = Env::new(Backend::Sqlite, Organisation::generate(91, 200), 20).await;
     // Held open, so that closing the store does not checkpoint and remove the WAL itself.
-    let witness = sqlx::AnyPool::connect(env.database_url.expose_secret())
+    let witness = common::any_pool(env.database_url.expose_secret())
         .await
         .unwrap();
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM procedures")

@@ -11,8 +11,8 @@ use common::{Backend, Env, HOSTILE_NAME};
 use klarify_sync::daemon::{Daemon, SyncPass};
 use klarify_sync::fake::Organisation;
 use klarify_sync::http::{router, serve, HttpLimits, PageSettings, Readiness};
-use klarify_sync::klarify::KlarifyClient;
-use klarify_sync::store::{RunRecord, WriteStats};
+use klarify_sync::klarify::{format_instant, KlarifyClient};
+use klarify_sync::store::{RunOutcome, RunRecord, WriteStats};
 use klarify_sync::sync::Mode;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
@@ -46,7 +46,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 async fn record_hostile_failure(env: &Env) {
     let run = env.store.begin_run("incremental", None).await.unwrap();
     let record = RunRecord {
-        outcome: "failed",
+        outcome: RunOutcome::Failed,
         pages: 0,
         fetched: 0,
         stats: WriteStats::default(),
@@ -102,10 +102,13 @@ async fn the_daemons_page_shows_the_facts_escaped_and_no_secret(backend: Backend
         "<dt>Role</dt><dd>leader: this instance runs the schedule</dd>".to_owned(),
         "<dt>Syncing</dt><dd>no pass is running</dd>".to_owned(),
         format!("incremental <code>{CRON}</code>; full reconciliation <code>0 30 2 * * Sun</code>"),
-        format!("<dt>Watermark</dt><dd>{} (", status.watermark.unwrap()),
+        format!(
+            "<dt>Watermark</dt><dd>{} (",
+            format_instant(status.watermark.unwrap())
+        ),
         format!(
             "<dt>Procedures</dt><dd>{} live, 0 deleted",
-            status.live_procedures
+            status.counts.live_procedures
         ),
         "<dt>Rejected items</dt><dd>0 ".to_owned(),
         "None: every group of procedures sharing one instant was read completely.".to_owned(),

@@ -23,7 +23,7 @@ async fn a_procedure_revived_between_the_reads_does_not_break_them() {
         .find(|p| !p.lanes.is_empty())
         .expect("a procedure with lanes")
         .id;
-    let pool = sqlx::AnyPool::connect(env.database_url.expose_secret())
+    let pool = common::any_pool(env.database_url.expose_secret())
         .await
         .unwrap();
     sqlx::query("UPDATE procedures SET deleted_at = updated_at WHERE id = $1")

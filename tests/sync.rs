@@ -323,8 +323,7 @@ async fn a_lying_has_next_is_caught_by_total_count(backend: Backend) {
 
 async fn count(env: &Env, sql: &str) -> i64 {
     use secrecy::ExposeSecret;
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(env.database_url.expose_secret())
+    let pool = common::any_pool(env.database_url.expose_secret())
         .await
         .unwrap();
     let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();

@@ -151,8 +151,7 @@ fn written(database_url: &str) -> (u64, u64) {
 }
 
 async fn fresh_postgres(admin: &str, name: &str) -> String {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(admin).await.unwrap();
+    let pool = sqlx::PgPool::connect(admin).await.unwrap();
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
         .execute(&pool)
         .await

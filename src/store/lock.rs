@@ -7,13 +7,13 @@
 //! releases them with its session; on SQLite they are OS file locks beside the database file,
 //! which the kernel releases when the process dies.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::path::PathBuf;
+use std::fs::{OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
 
-use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection, Connection};
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::Connection;
 
-use super::{Store, StoreError};
+use super::StoreError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockKind {
@@ -38,23 +38,14 @@ impl LockKind {
     }
 }
 
-/// How a backend locks.
-#[derive(Debug, Clone)]
-pub(crate) enum Locking {
-    Advisory,
-    /// Lock files are named after the database file; `None` for an in-memory database, which
-    /// no other process can share.
-    Files(Option<PathBuf>),
-}
-
 /// A held lock; dropping it releases it.
 pub struct LockGuard {
     held: Held,
 }
 
 enum Held {
-    Advisory(AnyConnection),
-    File(#[allow(dead_code)] File), // held for its OS lock, which closing releases
+    Advisory(PgConnection),
+    File(#[allow(dead_code)] std::fs::File), // held for its OS lock, which closing releases
     Nothing,
 }
 
@@ -75,50 +66,51 @@ impl LockGuard {
     }
 }
 
-impl Store {
-    /// Takes the lock when nobody holds it; `None` when another process does.
-    pub async fn try_lock(&self, kind: LockKind) -> Result<Option<LockGuard>, StoreError> {
-        let held = match &self.locking {
-            Locking::Advisory => {
-                let mut conn: PoolConnection<Any> = self.pool.acquire().await?;
-                let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-                    .bind(kind.advisory_key())
-                    .fetch_one(&mut *conn)
-                    .await?;
-                if !locked {
-                    return Ok(None);
-                }
-                // Out of the pool, so that no one else's queries ever run in the locking session.
-                Held::Advisory(conn.detach())
-            }
-            Locking::Files(None) => Held::Nothing,
-            Locking::Files(Some(db)) => {
-                let mut path = db.clone().into_os_string();
-                path.push(".");
-                path.push(kind.file_suffix());
-                let file = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| {
-                        StoreError::Lock(format!(
-                            "cannot open {}: {e}",
-                            PathBuf::from(&path).display()
-                        ))
-                    })?;
-                match file.try_lock() {
-                    Ok(()) => Held::File(file),
-                    Err(TryLockError::WouldBlock) => return Ok(None),
-                    Err(TryLockError::Error(e)) => {
-                        return Err(StoreError::Lock(format!(
-                            "cannot lock {}: {e}",
-                            PathBuf::from(&path).display()
-                        )))
-                    }
-                }
-            }
-        };
-        Ok(Some(LockGuard { held }))
+impl LockGuard {
+    /// For an in-memory SQLite database, which no other process can share.
+    pub(super) fn nothing() -> Self {
+        Self {
+            held: Held::Nothing,
+        }
+    }
+}
+
+/// A session advisory lock on a connection taken out of the pool, so that no one else's
+/// queries ever run in the locking session; `None` when another session holds it.
+pub(super) async fn advisory_lock(
+    pool: &PgPool,
+    kind: LockKind,
+) -> Result<Option<LockGuard>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(kind.advisory_key())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(locked.then(|| LockGuard {
+        held: Held::Advisory(conn.detach()),
+    }))
+}
+
+/// An OS lock on a file named after the database file; `None` when another process holds it.
+pub(super) fn file_lock(db: &Path, kind: LockKind) -> Result<Option<LockGuard>, StoreError> {
+    let mut path = db.as_os_str().to_owned();
+    path.push(".");
+    path.push(kind.file_suffix());
+    let path = PathBuf::from(path);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Lock(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(LockGuard {
+            held: Held::File(file),
+        })),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(StoreError::Lock(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
     }
 }

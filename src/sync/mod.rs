@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::klarify::{KlarifyClient, KlarifyError, Procedure, Rejected};
 use crate::store::{
-    LockGuard, LockKind, PageWrite, RunId, RunRecord, Store, StoreError, UnprovenGroup, WriteStats,
+    LockGuard, LockKind, PageWrite, RunId, RunOutcome, RunRecord, Store, StoreError, UnprovenGroup,
+    WriteStats,
 };
 use cursor::Frontier;
 use read::{Event, Reader};
@@ -171,12 +172,12 @@ async fn locked_pass(
         tracing::info!("the mirror is empty: its indexes are built once, when this pass ends");
     }
     let watermark = store.watermark().await?;
-    let unproven = store
+    let unproven: Vec<OffsetDateTime> = store
         .unproven_groups()
         .await?
         .iter()
-        .map(|g| g.instant())
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|g| g.at)
+        .collect();
     let run = store.begin_run(mode.as_str(), watermark).await?;
     tracing::Span::current().record("run", run);
     // The watermark never follows an item dated in the future (a vendor clock gone wrong, a
@@ -243,9 +244,9 @@ async fn locked_pass(
     let outcome = outcome.and_then(|doubts| deleted.map(|n| (doubts, n)).map_err(SyncError::from));
     let record = RunRecord {
         outcome: match &outcome {
-            Ok(_) => "succeeded",
-            Err(SyncError::Interrupted) => "interrupted",
-            Err(_) => "failed",
+            Ok(_) => RunOutcome::Succeeded,
+            Err(SyncError::Interrupted) => RunOutcome::Interrupted,
+            Err(_) => RunOutcome::Failed,
         },
         pages: reader.pages.into_inner(),
         fetched: reader.fetched.into_inner(),

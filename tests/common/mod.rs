@@ -211,7 +211,7 @@ pub async fn committed(store: &Store) -> Committed {
     let unproven = store.unproven_groups().await.unwrap();
     Committed {
         watermark: store.watermark().await.unwrap(),
-        unproven: unproven.iter().map(|g| g.instant().unwrap()).collect(),
+        unproven: unproven.iter().map(|g| g.at).collect(),
     }
 }
 
@@ -276,10 +276,15 @@ pub fn seed(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A pool on either backend for raw SQL, as a BI tool reads the mirror.
+pub async fn any_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(url).await
+}
+
 /// The one integer `sql` returns, read through a connection of its own.
 pub async fn scalar(url: &SecretString, sql: &str) -> i64 {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(url.expose_secret()).await.unwrap();
+    let pool = any_pool(url.expose_secret()).await.unwrap();
     let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
     pool.close().await;
     n

@@ -1,0 +1,191 @@
+//! PostgreSQL: production. Rows are written by `UNNEST` of typed arrays, one statement per
+//! table per batch; timestamps are `timestamptz` but for the cursor columns, which are text in
+//! the watermark's form on both backends.
+
+mod tx;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
+use sqlx::Executor;
+use time::OffsetDateTime;
+
+use super::model::{RunRecord, RunSummary, StoredUnproven};
+use super::{
+    sql, Backend, CallEdge, Counts, GraphNode, LiveProcedure, LiveRows, LockGuard, LockKind, RunId,
+    StoreError,
+};
+use crate::klarify::format_instant;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+const LIVE_PROCEDURES: &str = "SELECT id, name, status, owner, performer, updated_at, url, \
+    raw::text AS raw FROM procedures WHERE deleted_at IS NULL";
+const RECENT_RUNS: &str = "SELECT id, started_at, finished_at, mode, outcome, pages, fetched, \
+    inserted, updated, unchanged, deleted, rejected, watermark_after::timestamptz AS watermark_after, \
+    error FROM sync_runs ORDER BY id DESC LIMIT $1";
+const UNPROVEN_GROUPS: &str = "SELECT at::timestamptz AS at, size_bound, size_counted, \
+    recorded_at, checked_at, checks FROM unproven_tie_groups ORDER BY at";
+
+#[derive(Clone)]
+pub(super) struct PgBackend {
+    /// Reads: readiness, status, tests, and the lock sessions.
+    pool: PgPool,
+    /// Writes, one connection.
+    writer: PgPool,
+}
+
+impl PgBackend {
+    pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = |n: u32| {
+            PgPoolOptions::new()
+                .max_connections(n)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+        };
+        let writer = pool(1).await?;
+        let pool = pool(max_connections).await?;
+        Ok(Self { pool, writer })
+    }
+}
+
+impl Backend for PgBackend {
+    type Tx = tx::PgTx;
+    const NAME: &'static str = "postgres";
+    // The server's work does not depend on it; klarify-sync's memory does: the arrays of a
+    // statement hold about a megabyte per 1,000 procedures.
+    const BATCH_ITEMS: usize = 1000;
+
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.writer).await
+    }
+
+    async fn begin(&self) -> Result<tx::PgTx, StoreError> {
+        Ok(tx::PgTx(self.writer.begin().await?))
+    }
+
+    async fn applied_migration(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(sql::APPLIED_MIGRATION)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn watermark(&self) -> Result<Option<String>, StoreError> {
+        let w: Option<Option<String>> = sqlx::query_scalar(sql::GET_WATERMARK)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(w.flatten())
+    }
+
+    async fn begin_run(
+        &self,
+        mode: &str,
+        watermark: Option<OffsetDateTime>,
+    ) -> Result<RunId, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        tx.execute(sql::ABANDON_RUNS).await?;
+        let id = sqlx::query_scalar(sql::BEGIN_RUN)
+            .bind(OffsetDateTime::now_utc())
+            .bind(mode)
+            .bind(watermark.map(format_instant))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn finish_run(&self, run: RunId, r: &RunRecord) -> Result<(), StoreError> {
+        let q = sqlx::query(sql::FINISH_RUN)
+            .bind(run)
+            .bind(OffsetDateTime::now_utc())
+            .bind(r.outcome.as_str());
+        r.counts()
+            .into_iter()
+            .fold(q, |q, n| q.bind(n))
+            .bind(r.watermark_after.map(format_instant))
+            .bind(r.error.as_deref())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn live_rows(&self) -> Result<LiveRows, StoreError> {
+        Ok(LiveRows {
+            procedures: sqlx::query_as::<_, LiveProcedure>(LIVE_PROCEDURES)
+                .fetch_all(&self.pool)
+                .await?,
+            lanes: sqlx::query_as(sql::LIVE_LANES)
+                .fetch_all(&self.pool)
+                .await?,
+            calls: sqlx::query_as(sql::LIVE_CALLS)
+                .fetch_all(&self.pool)
+                .await?,
+        })
+    }
+
+    async fn call_graph(&self) -> Result<(Vec<GraphNode>, Vec<CallEdge>), StoreError> {
+        let nodes = sqlx::query_as(sql::GRAPH_NODES)
+            .fetch_all(&self.pool)
+            .await?;
+        let edges = sqlx::query_as(sql::GRAPH_EDGES)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((nodes, edges))
+    }
+
+    async fn unproven_groups(&self) -> Result<Vec<StoredUnproven>, StoreError> {
+        Ok(sqlx::query_as(UNPROVEN_GROUPS)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn future_dated(&self, after: OffsetDateTime) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(sql::COUNT_FUTURE)
+            .bind(after)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        Ok(sqlx::query_as(sql::COUNTS).fetch_one(&self.pool).await?)
+    }
+
+    async fn recent_runs(&self, limit: i64) -> Result<Vec<RunSummary>, StoreError> {
+        Ok(sqlx::query_as(RECENT_RUNS)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn try_lock(&self, kind: LockKind) -> Result<Option<LockGuard>, StoreError> {
+        super::lock::advisory_lock(&self.pool, kind).await
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
+    }
+}
+
+/// The SQLSTATEs whose cause is the set-up, not the data, in words that say what to do.
+pub(super) fn explain(e: &PgDatabaseError) -> Option<String> {
+    let m = e.message();
+    Some(match e.code() {
+        "28P01" | "28000" => format!("PostgreSQL refused the login ({m}): check the user and password in database.url (DATABASE_URL) and the server's pg_hba.conf"),
+        "3D000" => format!("{m}: create it (createdb) or fix the database name in database.url (DATABASE_URL)"),
+        "42501" => format!("the database user lacks a privilege klarify-sync needs ({m}): it must own the mirror's tables, or be granted CREATE on the schema for the first migration"),
+        "53300" => format!("the PostgreSQL server has no free connection ({m}): lower database.max_connections or raise the server's max_connections"),
+        "53100" => format!("the PostgreSQL server's disk is full ({m}): free space, then retry"),
+        "57P01" | "57P02" | "57P03" => format!("the PostgreSQL server is shutting down or starting up ({m}); the next pass retries"),
+        "25006" => format!("the server is a read-only standby ({m}): point database.url at the primary"),
+        "55P03" => format!("a lock is held by another session ({m}): a BI session left in a transaction? End it, then retry"),
+        _ => return None,
+    })
+}

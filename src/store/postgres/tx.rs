@@ -1,0 +1,326 @@
+//! PostgreSQL's statements of a page write, a bulk load and a deletion sweep: `UNNEST` of typed
+//! arrays, one statement per table per batch.
+
+use std::collections::HashMap;
+
+use sqlx::postgres::PgDatabaseError;
+use sqlx::{Executor, FromRow, Postgres as Pg, Row, Transaction};
+use time::OffsetDateTime;
+
+use super::super::bulk_load::{Deferrable, Dropped, SchemaTx};
+use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
+use super::super::sweep::SweepTx;
+use super::super::write::{calls, lanes, Stored, Version, WriteTx};
+use super::super::{count, sql, RunId, StoreError, Tx};
+use crate::klarify::format_instant;
+
+const EXISTING: &str = "SELECT id, updated_at, content_hash, deleted_at IS NOT NULL AS deleted \
+    FROM procedures WHERE id = ANY($1)";
+/// The parts of one statement run on one snapshot and foreign keys are checked at its end, so
+/// the lanes may name the history rows the same statement adds. A history row's lanes go with
+/// it (ON DELETE CASCADE).
+const ARCHIVE: &str = "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]) AS v(id, updated_at)), \
+    current_again AS (DELETE FROM procedure_history h USING v \
+        WHERE h.procedure_id = v.id AND h.updated_at = v.updated_at), \
+    lanes AS (INSERT INTO procedure_history_lanes (procedure_id, updated_at, position, lane) \
+        SELECT l.procedure_id, p.updated_at, l.position, l.lane \
+        FROM procedure_lanes l JOIN procedures p ON p.id = l.procedure_id \
+        WHERE p.id IN (SELECT id FROM v)) \
+    INSERT INTO procedure_history \
+        (procedure_id, updated_at, name, status, owner, performer, url, raw, recorded_at, deleted_at) \
+    SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, deleted_at \
+    FROM procedures WHERE id IN (SELECT id FROM v)";
+const DELETE_CHILDREN: &str =
+    "WITH lanes AS (DELETE FROM procedure_lanes WHERE procedure_id = ANY($1)) \
+    DELETE FROM procedure_calls WHERE procedure_id = ANY($1)";
+const UPSERT_PROCEDURES: &str = "INSERT INTO procedures (id, name, status, owner, performer, \
+    updated_at, url, raw, content_hash, first_seen_at, synced_at) \
+    SELECT id, name, status, owner, performer, updated_at, url, raw::jsonb, content_hash, $10, $10 \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
+        $7::text[], $8::text[], $9::text[]) \
+        AS r(id, name, status, owner, performer, updated_at, url, raw, content_hash)";
+const INSERT_LANES: &str = "INSERT INTO procedure_lanes (procedure_id, position, lane) \
+    SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[])";
+const INSERT_CALLS: &str =
+    "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[])";
+const INSERT_SEEN: &str = "INSERT INTO sync_seen (run_id, procedure_id) \
+    SELECT $1, UNNEST($2::text[]) ON CONFLICT DO NOTHING";
+const UPSERT_REJECTED: &str =
+    "INSERT INTO rejected_items (raw_hash, raw, reason, first_seen_at, seen_at) \
+    SELECT h, r, why, $4, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS x(h, r, why)";
+
+pub(in crate::store) struct PgTx(pub(super) Transaction<'static, Pg>);
+
+impl Tx for PgTx {
+    async fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit().await?)
+    }
+}
+
+impl WriteTx for PgTx {
+    async fn existing(&mut self, ids: &[&str]) -> Result<HashMap<String, Stored>, StoreError> {
+        let rows = sqlx::query(EXISTING)
+            .bind(ids)
+            .fetch_all(&mut *self.0)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id")?, Stored::from_row(row)?)))
+            .collect()
+    }
+
+    async fn archive(&mut self, versions: &[Version<'_>]) -> Result<(), StoreError> {
+        let ids: Vec<&str> = versions.iter().map(|v| v.id).collect();
+        let at: Vec<OffsetDateTime> = versions.iter().map(|v| v.updated_at).collect();
+        sqlx::query(ARCHIVE)
+            .bind(ids)
+            .bind(at)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_children(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+        sqlx::query(DELETE_CHILDREN)
+            .bind(ids)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn upsert_procedures(
+        &mut self,
+        rows: &[ProcRow<'_>],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let column = |f: for<'r> fn(&'r ProcRow<'r>) -> Option<&'r str>| {
+            rows.iter().map(f).collect::<Vec<_>>()
+        };
+        let updated_at: Vec<OffsetDateTime> = rows.iter().map(|r| r.procedure.updated_at).collect();
+        let statement = format!("{UPSERT_PROCEDURES}{}", sql::ON_CONFLICT_PROCEDURES);
+        sqlx::query(&statement)
+            .bind(column(|r| Some(r.procedure.id.as_str())))
+            .bind(column(|r| r.procedure.name.as_deref()))
+            .bind(column(|r| r.procedure.status.as_deref()))
+            .bind(column(|r| r.procedure.owner.as_deref()))
+            .bind(column(|r| r.procedure.performer.as_deref()))
+            .bind(updated_at)
+            .bind(column(|r| r.procedure.url.as_deref()))
+            .bind(column(|r| Some(r.procedure.raw.as_str())))
+            .bind(column(|r| Some(r.content_hash.as_str())))
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_lanes(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
+        let (mut ids, mut positions, mut names) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, position, lane) in lanes(rows) {
+            ids.push(id);
+            positions.push(position);
+            names.push(lane);
+        }
+        if !ids.is_empty() {
+            sqlx::query(INSERT_LANES)
+                .bind(&ids)
+                .bind(&positions)
+                .bind(&names)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_calls(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
+        let (mut ids, mut relations, mut positions, mut names) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (id, relation, position, name) in calls(rows) {
+            ids.push(id);
+            relations.push(relation);
+            positions.push(position);
+            names.push(name);
+        }
+        if !ids.is_empty() {
+            sqlx::query(INSERT_CALLS)
+                .bind(&ids)
+                .bind(&relations)
+                .bind(&positions)
+                .bind(&names)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_seen(&mut self, run: RunId, ids: &[&str]) -> Result<(), StoreError> {
+        sqlx::query(INSERT_SEEN)
+            .bind(run)
+            .bind(ids)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn upsert_rejected(
+        &mut self,
+        rows: &[RejectRow<'_>],
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        let column =
+            |f: for<'r> fn(&'r RejectRow<'r>) -> &'r str| rows.iter().map(f).collect::<Vec<_>>();
+        let statement = format!("{UPSERT_REJECTED}{}", sql::ON_CONFLICT_REJECTED);
+        let returned: Vec<(String, bool)> = sqlx::query_as(&statement)
+            .bind(column(|r| &r.raw_hash))
+            .bind(column(|r| &r.rejected.raw))
+            .bind(column(|r| &r.rejected.reason))
+            .bind(now)
+            .fetch_all(&mut *self.0)
+            .await?;
+        Ok(returned
+            .into_iter()
+            .filter_map(|(hash, first)| first.then_some(hash))
+            .collect())
+    }
+
+    async fn record_unproven(
+        &mut self,
+        g: &UnprovenGroup,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(sql::RECORD_UNPROVEN)
+            .bind(format_instant(g.at))
+            .bind(count(g.size_bound))
+            .bind(count(g.size_counted))
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_unproven(&mut self, at: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(sql::DELETE_UNPROVEN)
+            .bind(format_instant(at))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_watermark(&mut self, watermark: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(sql::SET_WATERMARK)
+            .bind(format_instant(watermark))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+impl SchemaTx for PgTx {
+    async fn any_procedure(&mut self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(sql::ANY_PROCEDURE)
+            .fetch_one(&mut *self.0)
+            .await?)
+    }
+
+    /// Also the foreign keys of lanes and calls: each row's check is a locking lookup of its
+    /// procedure, while adding the constraint back checks all rows in one join. (SQLite cannot
+    /// drop a foreign key, and its checks cost next to nothing.) The history's stay: deleting a
+    /// history row relies on their cascade.
+    async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError> {
+        const DEFERRABLE: &str = "SELECT i.relname::text AS name, \
+                format('DROP INDEX %I.%I', n.nspname, i.relname) AS drop, \
+                pg_get_indexdef(x.indexrelid) AS restore \
+            FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
+            JOIN pg_namespace n ON n.oid = t.relnamespace \
+            WHERE n.nspname = current_schema() AND NOT x.indisunique \
+              AND t.relname IN ('procedures', 'procedure_lanes', 'procedure_calls') \
+            UNION ALL \
+            SELECT c.conname::text, format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname), \
+                format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname, \
+                       pg_get_constraintdef(c.oid)) \
+            FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
+            JOIN pg_namespace n ON n.oid = t.relnamespace \
+            WHERE c.contype = 'f' AND n.nspname = current_schema() \
+              AND t.relname IN ('procedure_lanes', 'procedure_calls')";
+        // Dropping an index waits for every open transaction that read its table.
+        self.0.execute("SET LOCAL lock_timeout = '2s'").await?;
+        Ok(sqlx::query_as(DEFERRABLE).fetch_all(&mut *self.0).await?)
+    }
+
+    async fn drop_deferrable(&mut self, d: &Deferrable) -> Result<Dropped, StoreError> {
+        match self.0.execute(d.drop.as_str()).await {
+            Ok(_) => Ok(Dropped::Yes),
+            Err(e) if pg_code(&e) == Some("55P03") => Ok(Dropped::Blocked),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
+        sqlx::query(sql::RECORD_DEFERRED)
+            .bind(&d.name)
+            .bind(&d.restore)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn deferred(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(sql::DEFERRED)
+            .fetch_all(&mut *self.0)
+            .await?)
+    }
+
+    async fn restore(&mut self, statement: &str) -> Result<(), StoreError> {
+        self.0.execute(statement).await?;
+        Ok(())
+    }
+
+    async fn clear_deferred(&mut self) -> Result<(), StoreError> {
+        self.0.execute(sql::CLEAR_DEFERRED).await?;
+        Ok(())
+    }
+}
+
+impl SweepTx for PgTx {
+    async fn count_live(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(sql::COUNT_LIVE)
+            .fetch_one(&mut *self.0)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn count_unseen(&mut self, run: RunId) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(sql::COUNT_UNSEEN)
+            .bind(run)
+            .fetch_one(&mut *self.0)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn mark_unseen_deleted(
+        &mut self,
+        run: RunId,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(sql::MARK_DELETED)
+            .bind(run)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_seen(&mut self, run: RunId) -> Result<(), StoreError> {
+        sqlx::query(sql::CLEAR_SEEN)
+            .bind(run)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+fn pg_code(e: &sqlx::Error) -> Option<&str> {
+    e.as_database_error()?
+        .try_downcast_ref::<PgDatabaseError>()
+        .map(PgDatabaseError::code)
+}

@@ -1,0 +1,387 @@
+//! SQLite's statements of a page write, a bulk load and a deletion sweep: multi-row statements
+//! prepared once per shape and reused for the whole batch.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
+use sqlx::query::Query;
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::{Executor, FromRow, Row, Sqlite, Transaction};
+use time::OffsetDateTime;
+
+use super::super::bulk_load::{Deferrable, Dropped, SchemaTx};
+use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
+use super::super::sweep::SweepTx;
+use super::super::write::{calls, lanes, Stored, Version, WriteTx};
+use super::super::{count, sql, RunId, StoreError, Tx};
+use crate::klarify::format_instant;
+
+/// The most rows one statement writes. Smaller remainders go in power-of-two chunks, so that a
+/// table is written by at most eight statement shapes, each prepared once per connection.
+const MAX_ROWS: usize = 128;
+const UPSERT_PROCEDURES: &str = "INSERT INTO procedures (id, name, status, owner, performer, \
+    updated_at, url, raw, content_hash, first_seen_at, synced_at)";
+const INSERT_LANES: &str = "INSERT INTO procedure_lanes (procedure_id, position, lane)";
+const INSERT_CALLS: &str =
+    "INSERT INTO procedure_calls (procedure_id, relation, position, related_name)";
+const UPSERT_REJECTED: &str =
+    "INSERT INTO rejected_items (raw_hash, raw, reason, first_seen_at, seen_at)";
+const ARCHIVE_PROCEDURES: &str = "INSERT INTO procedure_history (procedure_id, updated_at, name, \
+    status, owner, performer, url, raw, recorded_at, deleted_at) \
+    SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, deleted_at \
+    FROM procedures WHERE id IN";
+const ARCHIVE_LANES: &str = "INSERT INTO procedure_history_lanes (procedure_id, updated_at, \
+    position, lane) SELECT l.procedure_id, p.updated_at, l.position, l.lane \
+    FROM procedure_lanes l JOIN procedures p ON p.id = l.procedure_id WHERE p.id IN";
+
+pub(in crate::store) struct SqliteTx(pub(super) Transaction<'static, Sqlite>);
+
+type SqliteQuery<'q> = Query<'q, Sqlite, SqliteArguments<'q>>;
+
+impl SqliteTx {
+    /// Runs `head VALUES (…), … tail` over `rows`, `columns` parameters each, in chunks of at
+    /// most [`MAX_ROWS`], and returns what it returns.
+    async fn each_chunk<'r, R>(
+        &mut self,
+        (head, tail): (&'static str, &'static str),
+        columns: usize,
+        rows: &'r [R],
+        bind: impl Fn(SqliteQuery<'r>, &'r R) -> SqliteQuery<'r>,
+    ) -> Result<Vec<SqliteRow>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in chunks(rows) {
+            let statement = shape(head, tail, Some(columns), chunk.len());
+            let query = chunk.iter().fold(sqlx::query(statement), &bind);
+            out.extend(query.fetch_all(&mut *self.0).await?);
+        }
+        Ok(out)
+    }
+
+    /// Runs `head (?, …) tail` over `ids`, in chunks.
+    async fn each_ids(
+        &mut self,
+        (head, tail): (&'static str, &'static str),
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
+        for chunk in chunks(ids) {
+            let statement = shape(head, tail, None, chunk.len());
+            let query = chunk
+                .iter()
+                .fold(sqlx::query(statement), |q, id| q.bind(*id));
+            query.execute(&mut *self.0).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `rows` in chunks of [`MAX_ROWS`], then of the largest power of two that fits.
+fn chunks<R>(mut rows: &[R]) -> impl Iterator<Item = &[R]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = if rows.len() >= MAX_ROWS {
+            MAX_ROWS
+        } else {
+            1 << rows.len().ilog2()
+        };
+        let (chunk, rest) = rows.split_at(n);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+/// The text of a statement over `rows` rows: `head VALUES (?, …), … tail` for rows of
+/// `columns`, or `head (?, …) tail` for a list (`None`). Built once per shape and kept, as
+/// sqlx keeps the prepared statement, for the life of the process; [`chunks`] bounds the shapes.
+fn shape(
+    head: &'static str,
+    tail: &'static str,
+    columns: Option<usize>,
+    rows: usize,
+) -> &'static str {
+    type Key = (&'static str, &'static str, Option<usize>, usize);
+    static SHAPES: LazyLock<Mutex<HashMap<Key, &'static str>>> = LazyLock::new(Mutex::default);
+    let mut shapes = SHAPES
+        .lock()
+        .expect("no panics while the shapes lock is held");
+    shapes
+        .entry((head, tail, columns, rows))
+        .or_insert_with(|| {
+            let text = match columns {
+                Some(columns) => {
+                    let row = format!("({})", vec!["?"; columns].join(","));
+                    format!("{head} VALUES {}{tail}", vec![row; rows].join(","))
+                }
+                None => format!("{head} ({}){tail}", vec!["?"; rows].join(",")),
+            };
+            Box::leak(text.into_boxed_str())
+        })
+}
+
+impl Tx for SqliteTx {
+    async fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit().await?)
+    }
+}
+
+impl WriteTx for SqliteTx {
+    async fn existing(&mut self, ids: &[&str]) -> Result<HashMap<String, Stored>, StoreError> {
+        let rows = self
+            .each_chunk(
+                (
+                    "WITH ids(id) AS (",
+                    ") SELECT p.id, p.updated_at, p.content_hash, \
+                     p.deleted_at IS NOT NULL AS deleted FROM procedures p JOIN ids ON ids.id = p.id",
+                ),
+                1,
+                ids,
+                |q, id| q.bind(*id),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id")?, Stored::from_row(row)?)))
+            .collect()
+    }
+
+    async fn archive(&mut self, versions: &[Version<'_>]) -> Result<(), StoreError> {
+        let ids: Vec<&str> = versions.iter().map(|v| v.id).collect();
+        self.each_chunk(
+            (
+                "DELETE FROM procedure_history WHERE (procedure_id, updated_at) IN (",
+                ")",
+            ),
+            2,
+            versions,
+            |q, v| q.bind(v.id).bind(format_instant(v.updated_at)),
+        )
+        .await?;
+        // The history row's lanes go with it (ON DELETE CASCADE; sqlx turns foreign keys on).
+        self.each_ids((ARCHIVE_PROCEDURES, ""), &ids).await?;
+        self.each_ids((ARCHIVE_LANES, ""), &ids).await
+    }
+
+    async fn delete_children(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+        self.each_ids(
+            ("DELETE FROM procedure_lanes WHERE procedure_id IN", ""),
+            ids,
+        )
+        .await?;
+        self.each_ids(
+            ("DELETE FROM procedure_calls WHERE procedure_id IN", ""),
+            ids,
+        )
+        .await
+    }
+
+    async fn upsert_procedures(
+        &mut self,
+        rows: &[ProcRow<'_>],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let now = format_instant(now);
+        self.each_chunk(
+            (UPSERT_PROCEDURES, sql::ON_CONFLICT_PROCEDURES),
+            11,
+            rows,
+            |q, r| {
+                let p = r.procedure;
+                q.bind(p.id.as_str())
+                    .bind(p.name.as_deref())
+                    .bind(p.status.as_deref())
+                    .bind(p.owner.as_deref())
+                    .bind(p.performer.as_deref())
+                    .bind(format_instant(p.updated_at))
+                    .bind(p.url.as_deref())
+                    .bind(p.raw.as_str())
+                    .bind(r.content_hash.as_str())
+                    .bind(now.clone())
+                    .bind(now.clone())
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_lanes(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
+        let lanes: Vec<_> = lanes(rows).collect();
+        self.each_chunk((INSERT_LANES, ""), 3, &lanes, |q, (id, i, lane)| {
+            q.bind(*id).bind(*i).bind(*lane)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_calls(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
+        let calls: Vec<_> = calls(rows).collect();
+        self.each_chunk((INSERT_CALLS, ""), 4, &calls, |q, (id, rel, i, name)| {
+            q.bind(*id).bind(*rel).bind(*i).bind(*name)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_seen(&mut self, run: RunId, ids: &[&str]) -> Result<(), StoreError> {
+        self.each_chunk(
+            (
+                "INSERT INTO sync_seen (run_id, procedure_id)",
+                " ON CONFLICT DO NOTHING",
+            ),
+            2,
+            ids,
+            |q, id| q.bind(run).bind(*id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_rejected(
+        &mut self,
+        rows: &[RejectRow<'_>],
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = format_instant(now);
+        let returned = self
+            .each_chunk(
+                (UPSERT_REJECTED, sql::ON_CONFLICT_REJECTED),
+                5,
+                rows,
+                |q, r| {
+                    q.bind(r.raw_hash.as_str())
+                        .bind(r.rejected.raw.as_str())
+                        .bind(r.rejected.reason.as_str())
+                        .bind(now.clone())
+                        .bind(now.clone())
+                },
+            )
+            .await?;
+        returned
+            .iter()
+            .filter_map(|row| match row.try_get::<bool, _>(1) {
+                Ok(true) => Some(row.try_get(0).map_err(StoreError::from)),
+                Ok(false) => None,
+                Err(e) => Some(Err(e.into())),
+            })
+            .collect()
+    }
+
+    async fn record_unproven(
+        &mut self,
+        g: &UnprovenGroup,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let now = format_instant(now);
+        sqlx::query(sql::RECORD_UNPROVEN)
+            .bind(format_instant(g.at))
+            .bind(count(g.size_bound))
+            .bind(count(g.size_counted))
+            .bind(&now)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_unproven(&mut self, at: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(sql::DELETE_UNPROVEN)
+            .bind(format_instant(at))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_watermark(&mut self, watermark: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(sql::SET_WATERMARK)
+            .bind(format_instant(watermark))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+impl SchemaTx for SqliteTx {
+    async fn any_procedure(&mut self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(sql::ANY_PROCEDURE)
+            .fetch_one(&mut *self.0)
+            .await?)
+    }
+
+    /// In WAL mode readers never hold up a writer, DDL included: no lock timeout to set.
+    async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError> {
+        // Primary keys and unique constraints have autoindexes, whose `sql` is null.
+        const DEFERRABLE: &str =
+            "SELECT m.name AS name, printf('DROP INDEX \"%w\"', m.name) AS \"drop\", \
+            m.sql AS restore FROM sqlite_master m \
+            JOIN pragma_index_list(m.tbl_name) i ON i.name = m.name \
+            WHERE m.type = 'index' AND m.sql IS NOT NULL AND NOT i.\"unique\" \
+              AND m.tbl_name IN ('procedures', 'procedure_lanes', 'procedure_calls')";
+        Ok(sqlx::query_as(DEFERRABLE).fetch_all(&mut *self.0).await?)
+    }
+
+    async fn drop_deferrable(&mut self, d: &Deferrable) -> Result<Dropped, StoreError> {
+        self.0.execute(d.drop.as_str()).await?;
+        Ok(Dropped::Yes)
+    }
+
+    async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
+        sqlx::query(sql::RECORD_DEFERRED)
+            .bind(&d.name)
+            .bind(&d.restore)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn deferred(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(sql::DEFERRED)
+            .fetch_all(&mut *self.0)
+            .await?)
+    }
+
+    async fn restore(&mut self, statement: &str) -> Result<(), StoreError> {
+        self.0.execute(statement).await?;
+        Ok(())
+    }
+
+    async fn clear_deferred(&mut self) -> Result<(), StoreError> {
+        self.0.execute(sql::CLEAR_DEFERRED).await?;
+        Ok(())
+    }
+}
+
+impl SweepTx for SqliteTx {
+    async fn count_live(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(sql::COUNT_LIVE)
+            .fetch_one(&mut *self.0)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn count_unseen(&mut self, run: RunId) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(sql::COUNT_UNSEEN)
+            .bind(run)
+            .fetch_one(&mut *self.0)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn mark_unseen_deleted(
+        &mut self,
+        run: RunId,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(sql::MARK_DELETED)
+            .bind(run)
+            .bind(format_instant(now))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_seen(&mut self, run: RunId) -> Result<(), StoreError> {
+        sqlx::query(sql::CLEAR_SEEN)
+            .bind(run)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+}
