@@ -36,6 +36,15 @@ pub(crate) trait WriteTx: super::Tx {
     async fn archive(&mut self, versions: &[Version<'_>]) -> Result<(), StoreError>;
     /// Removes the lanes and calls of procedures about to be rewritten.
     async fn delete_children(&mut self, ids: &[&str]) -> Result<(), StoreError>;
+    /// Inserts `procedures` rows the mirror does not hold (the lookup before, in the same
+    /// transaction, found none); a backend may write them faster than an upsert.
+    async fn insert_procedures(
+        &mut self,
+        rows: &[ProcRow<'_>],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.upsert_procedures(rows, now).await
+    }
     /// Upserts `procedures` rows, never over a newer stored version, reviving deleted ones.
     async fn upsert_procedures(
         &mut self,
@@ -138,7 +147,13 @@ async fn write_procedures(
     if !plan.replaced.is_empty() {
         timed("delete_replaced", tx.delete_children(&plan.replaced)).await?;
     }
-    timed("upsert_procedures", tx.upsert_procedures(&plan.rows, now)).await?;
+    let (new, stored) = plan.rows.split_at(plan.new);
+    if !new.is_empty() {
+        timed("insert_procedures", tx.insert_procedures(new, now)).await?;
+    }
+    if !stored.is_empty() {
+        timed("upsert_procedures", tx.upsert_procedures(stored, now)).await?;
+    }
     timed("insert_lanes", tx.insert_lanes(&plan.rows)).await?;
     timed("insert_calls", tx.insert_calls(&plan.rows)).await?;
     Ok(plan.stats)
@@ -148,8 +163,10 @@ async fn write_procedures(
 #[derive(Debug)]
 struct Plan<'a> {
     stats: WriteStats,
-    /// New or changed: written.
+    /// New or changed: written, the new ones first.
     rows: Vec<ProcRow<'a>>,
+    /// How many of `rows` are new.
+    new: usize,
     /// Stored and rewritten: their lanes and calls go first.
     replaced: Vec<&'a str>,
     /// Stored at another version: the stored one goes to the history.
@@ -161,9 +178,11 @@ impl<'a> Plan<'a> {
         let mut plan = Plan {
             stats: WriteStats::default(),
             rows: Vec::new(),
+            new: 0,
             replaced: Vec::new(),
             new_versions: Vec::new(),
         };
+        let mut changed = Vec::new();
         for &p in items {
             let hash = content_hash(&p.raw);
             match stored.get(&p.id) {
@@ -188,11 +207,18 @@ impl<'a> Plan<'a> {
                     plan.stats.updated += 1;
                 }
             }
-            plan.rows.push(ProcRow {
+            let row = ProcRow {
                 procedure: p,
                 content_hash: hash,
-            });
+            };
+            if stored.contains_key(&p.id) {
+                changed.push(row);
+            } else {
+                plan.rows.push(row);
+            }
         }
+        plan.new = plan.rows.len();
+        plan.rows.extend(changed);
         plan
     }
 }
@@ -328,6 +354,7 @@ mod tests {
         let plan = Plan::new(&items, &stored);
         let written: Vec<&str> = plan.rows.iter().map(|r| r.procedure.id.as_str()).collect();
         assert_eq!(written, ["new", "edited", "rewritten", "revived"]);
+        assert_eq!(plan.new, 1);
         assert_eq!(plan.replaced, ["edited", "rewritten", "revived"]);
         let versions: Vec<&str> = plan.new_versions.iter().map(|v| v.id).collect();
         assert_eq!(versions, ["edited"]);

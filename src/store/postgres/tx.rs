@@ -39,11 +39,11 @@ const UPSERT_PROCEDURES: &str = "INSERT INTO procedures (id, name, status, owner
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
         $7::text[], $8::text[], $9::text[]) \
         AS r(id, name, status, owner, performer, updated_at, url, raw, content_hash)";
-const INSERT_LANES: &str = "INSERT INTO procedure_lanes (procedure_id, position, lane) \
-    SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[])";
-const INSERT_CALLS: &str =
-    "INSERT INTO procedure_calls (procedure_id, relation, position, related_name) \
-    SELECT * FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[])";
+const COPY_PROCEDURES: &str = "COPY procedures (id, name, status, owner, performer, updated_at, \
+    url, raw, content_hash, first_seen_at, synced_at) FROM STDIN";
+const COPY_LANES: &str = "COPY procedure_lanes (procedure_id, position, lane) FROM STDIN";
+const COPY_CALLS: &str =
+    "COPY procedure_calls (procedure_id, relation, position, related_name) FROM STDIN";
 const INSERT_SEEN: &str = "INSERT INTO sync_seen (run_id, procedure_id) \
     SELECT $1, UNNEST($2::text[]) ON CONFLICT DO NOTHING";
 const UPSERT_REJECTED: &str =
@@ -51,6 +51,48 @@ const UPSERT_REJECTED: &str =
     SELECT h, r, why, $4, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS x(h, r, why)";
 
 pub(in crate::store) struct PgTx(pub(super) Transaction<'static, Pg>);
+
+impl PgTx {
+    /// Sends `rows` through `COPY … FROM STDIN`: rows that are only added (new procedures, and
+    /// lanes and calls, whose old ones were deleted first) skip the executor's per-row work.
+    async fn copy(&mut self, statement: &str, rows: CopyText) -> Result<(), StoreError> {
+        if rows.0.is_empty() {
+            return Ok(());
+        }
+        let mut copy = self.0.copy_in_raw(statement).await?;
+        copy.send(rows.0).await?;
+        copy.finish().await?;
+        Ok(())
+    }
+}
+
+/// Rows in `COPY`'s text format: tab-separated, one a line, `\N` for null.
+#[derive(Default)]
+struct CopyText(Vec<u8>);
+
+impl CopyText {
+    fn row<const N: usize>(&mut self, fields: [Option<&str>; N]) {
+        for (i, field) in fields.into_iter().enumerate() {
+            if i > 0 {
+                self.0.push(b'\t');
+            }
+            let Some(text) = field else {
+                self.0.extend_from_slice(b"\\N");
+                continue;
+            };
+            for b in text.bytes() {
+                match b {
+                    b'\\' => self.0.extend_from_slice(b"\\\\"),
+                    b'\t' => self.0.extend_from_slice(b"\\t"),
+                    b'\n' => self.0.extend_from_slice(b"\\n"),
+                    b'\r' => self.0.extend_from_slice(b"\\r"),
+                    b => self.0.push(b),
+                }
+            }
+        }
+        self.0.push(b'\n');
+    }
+}
 
 impl Tx for PgTx {
     async fn commit(self) -> Result<(), StoreError> {
@@ -114,43 +156,51 @@ impl WriteTx for PgTx {
         Ok(())
     }
 
+    async fn insert_procedures(
+        &mut self,
+        rows: &[ProcRow<'_>],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let now = format_instant(now);
+        let mut copy = CopyText::default();
+        for r in rows {
+            let p = r.procedure;
+            copy.row([
+                Some(p.id.as_str()),
+                p.name.as_deref(),
+                p.status.as_deref(),
+                p.owner.as_deref(),
+                p.performer.as_deref(),
+                Some(&format_instant(p.updated_at)),
+                p.url.as_deref(),
+                Some(&p.raw),
+                Some(&r.content_hash),
+                Some(&now),
+                Some(&now),
+            ]);
+        }
+        self.copy(COPY_PROCEDURES, copy).await
+    }
+
     async fn insert_lanes(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
-        let (mut ids, mut positions, mut names) = (Vec::new(), Vec::new(), Vec::new());
+        let mut copy = CopyText::default();
         for (id, position, lane) in lanes(rows) {
-            ids.push(id);
-            positions.push(position);
-            names.push(lane);
+            copy.row([Some(id), Some(&position.to_string()), Some(lane)]);
         }
-        if !ids.is_empty() {
-            sqlx::query(INSERT_LANES)
-                .bind(&ids)
-                .bind(&positions)
-                .bind(&names)
-                .execute(&mut *self.0)
-                .await?;
-        }
-        Ok(())
+        self.copy(COPY_LANES, copy).await
     }
 
     async fn insert_calls(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
-        let (mut ids, mut relations, mut positions, mut names) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut copy = CopyText::default();
         for (id, relation, position, name) in calls(rows) {
-            ids.push(id);
-            relations.push(relation);
-            positions.push(position);
-            names.push(name);
+            copy.row([
+                Some(id),
+                Some(relation),
+                Some(&position.to_string()),
+                Some(name),
+            ]);
         }
-        if !ids.is_empty() {
-            sqlx::query(INSERT_CALLS)
-                .bind(&ids)
-                .bind(&relations)
-                .bind(&positions)
-                .bind(&names)
-                .execute(&mut *self.0)
-                .await?;
-        }
-        Ok(())
+        self.copy(COPY_CALLS, copy).await
     }
 
     async fn insert_seen(&mut self, run: RunId, ids: &[&str]) -> Result<(), StoreError> {
