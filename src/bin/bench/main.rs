@@ -4,7 +4,7 @@
 //!
 //!     cargo build --release --bins
 //!     target/release/bench --procedures 10000,100000 --latency-ms 0 [--postgres postgres://…/postgres]
-//!     target/release/bench --binary base=/work/bench/base/klarify-sync --binary new=target/release/klarify-sync
+//!     target/release/bench --binary base=BASE/klarify-sync --binary new=target/release/klarify-sync
 //!
 //! For each size and backend it prints a row per scenario and binary: a backfill into an empty
 //! database, an incremental pass with nothing changed, and one after 1,000 edits. Several
@@ -91,10 +91,12 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
                 urls.push(create_database(admin, name).await?);
             }
             let measured = compare(&args, &fake, "postgres", n, urls).await;
+            // What went wrong in the measurement comes first; a failed drop only after it.
+            let mut dropped = Ok(());
             for name in &names {
-                drop_database(admin, name).await?;
+                dropped = dropped.and(drop_database(admin, name).await);
             }
-            measured?;
+            measured.and(dropped)?;
         }
     }
     Ok(())
