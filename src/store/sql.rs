@@ -68,3 +68,240 @@ pub(super) const ON_CONFLICT_PROCEDURES: &str = " ON CONFLICT (id) DO UPDATE SET
 pub(super) const ON_CONFLICT_REJECTED: &str = " ON CONFLICT (raw_hash) DO UPDATE SET \
      seen_at = excluded.seen_at, reason = excluded.reason \
      RETURNING raw_hash, first_seen_at = seen_at";
+
+// What both backends execute the same way is written once, below, and expanded into each
+// backend's impls. Names are resolved where a macro is expanded: each backend module defines
+// `MIGRATOR`, `LIVE_PROCEDURES`, `RECENT_RUNS` and `UNPROVEN_GROUPS` (their SQL differs), and
+// `stamp`, which binds an instant in the type its timestamp columns take.
+
+/// [`super::Backend`]'s reads and pass records.
+macro_rules! backend_common {
+    () => {
+        fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+            &MIGRATOR
+        }
+
+        async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+            MIGRATOR.run(&self.writer).await
+        }
+
+        async fn applied_migration(&self) -> Result<Option<i64>, StoreError> {
+            Ok(sqlx::query_scalar(sql::APPLIED_MIGRATION)
+                .fetch_one(&self.pool)
+                .await?)
+        }
+
+        async fn watermark(&self) -> Result<Option<String>, StoreError> {
+            let w: Option<Option<String>> = sqlx::query_scalar(sql::GET_WATERMARK)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(w.flatten())
+        }
+
+        async fn begin_run(
+            &self,
+            mode: &str,
+            watermark: Option<OffsetDateTime>,
+        ) -> Result<RunId, StoreError> {
+            let mut tx = self.writer.begin().await?;
+            sqlx::query(sql::ABANDON_RUNS).execute(&mut *tx).await?;
+            let id = sqlx::query_scalar(sql::BEGIN_RUN)
+                .bind(stamp(OffsetDateTime::now_utc()))
+                .bind(mode)
+                .bind(watermark.map(format_instant))
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(id)
+        }
+
+        async fn finish_run(&self, run: RunId, r: &RunRecord) -> Result<(), StoreError> {
+            let q = sqlx::query(sql::FINISH_RUN)
+                .bind(run)
+                .bind(stamp(OffsetDateTime::now_utc()))
+                .bind(r.outcome.as_str());
+            r.counts()
+                .into_iter()
+                .fold(q, |q, n| q.bind(n))
+                .bind(r.watermark_after.map(format_instant))
+                .bind(r.error.as_deref())
+                .execute(&self.writer)
+                .await?;
+            Ok(())
+        }
+
+        async fn live_rows(&self) -> Result<LiveRows, StoreError> {
+            Ok(LiveRows {
+                procedures: sqlx::query_as(LIVE_PROCEDURES)
+                    .fetch_all(&self.pool)
+                    .await?,
+                lanes: sqlx::query_as(sql::LIVE_LANES)
+                    .fetch_all(&self.pool)
+                    .await?,
+                calls: sqlx::query_as(sql::LIVE_CALLS)
+                    .fetch_all(&self.pool)
+                    .await?,
+            })
+        }
+
+        async fn call_graph(&self) -> Result<(Vec<GraphNode>, Vec<CallEdge>), StoreError> {
+            let nodes = sqlx::query_as(sql::GRAPH_NODES)
+                .fetch_all(&self.pool)
+                .await?;
+            let edges = sqlx::query_as(sql::GRAPH_EDGES)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok((nodes, edges))
+        }
+
+        async fn unproven_groups(&self) -> Result<Vec<StoredUnproven>, StoreError> {
+            Ok(sqlx::query_as(UNPROVEN_GROUPS)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn future_dated(&self, after: OffsetDateTime) -> Result<u64, StoreError> {
+            let n: i64 = sqlx::query_scalar(sql::COUNT_FUTURE)
+                .bind(stamp(after))
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(n.max(0) as u64)
+        }
+
+        async fn counts(&self) -> Result<Counts, StoreError> {
+            Ok(sqlx::query_as(sql::COUNTS).fetch_one(&self.pool).await?)
+        }
+
+        async fn recent_runs(&self, limit: i64) -> Result<Vec<RunSummary>, StoreError> {
+            Ok(sqlx::query_as(RECENT_RUNS)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+    };
+}
+pub(super) use backend_common;
+
+/// [`super::Tx`] and [`super::sweep::SweepTx`].
+macro_rules! tx_common {
+    ($tx:ty) => {
+        impl Tx for $tx {
+            async fn commit(self) -> Result<(), StoreError> {
+                Ok(self.0.commit().await?)
+            }
+        }
+
+        impl SweepTx for $tx {
+            async fn count_live(&mut self) -> Result<u64, StoreError> {
+                let n: i64 = sqlx::query_scalar(sql::COUNT_LIVE)
+                    .fetch_one(&mut *self.0)
+                    .await?;
+                Ok(n.max(0) as u64)
+            }
+
+            async fn count_unseen(&mut self, run: RunId) -> Result<u64, StoreError> {
+                let n: i64 = sqlx::query_scalar(sql::COUNT_UNSEEN)
+                    .bind(run)
+                    .fetch_one(&mut *self.0)
+                    .await?;
+                Ok(n.max(0) as u64)
+            }
+
+            async fn mark_unseen_deleted(
+                &mut self,
+                run: RunId,
+                now: OffsetDateTime,
+            ) -> Result<(), StoreError> {
+                sqlx::query(sql::MARK_DELETED)
+                    .bind(run)
+                    .bind(stamp(now))
+                    .execute(&mut *self.0)
+                    .await?;
+                Ok(())
+            }
+
+            async fn clear_seen(&mut self, run: RunId) -> Result<(), StoreError> {
+                sqlx::query(sql::CLEAR_SEEN)
+                    .bind(run)
+                    .execute(&mut *self.0)
+                    .await?;
+                Ok(())
+            }
+        }
+    };
+}
+pub(super) use tx_common;
+
+/// [`super::bulk_load::SchemaTx`]'s bookkeeping of what was deferred.
+macro_rules! schema_common {
+    () => {
+        async fn any_procedure(&mut self) -> Result<bool, StoreError> {
+            Ok(sqlx::query_scalar(sql::ANY_PROCEDURE)
+                .fetch_one(&mut *self.0)
+                .await?)
+        }
+
+        async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
+            sqlx::query(sql::RECORD_DEFERRED)
+                .bind(&d.name)
+                .bind(&d.restore)
+                .execute(&mut *self.0)
+                .await?;
+            Ok(())
+        }
+
+        async fn deferred(&mut self) -> Result<Vec<String>, StoreError> {
+            Ok(sqlx::query_scalar(sql::DEFERRED)
+                .fetch_all(&mut *self.0)
+                .await?)
+        }
+
+        async fn restore(&mut self, statement: &str) -> Result<(), StoreError> {
+            self.0.execute(statement).await?;
+            Ok(())
+        }
+
+        async fn clear_deferred(&mut self) -> Result<(), StoreError> {
+            self.0.execute(sql::CLEAR_DEFERRED).await?;
+            Ok(())
+        }
+    };
+}
+pub(super) use schema_common;
+
+/// [`super::write::WriteTx`]'s statements of one row each.
+macro_rules! write_common {
+    () => {
+        async fn record_unproven(
+            &mut self,
+            g: &UnprovenGroup,
+            now: OffsetDateTime,
+        ) -> Result<(), StoreError> {
+            sqlx::query(sql::RECORD_UNPROVEN)
+                .bind(format_instant(g.at))
+                .bind(count(g.size_bound))
+                .bind(count(g.size_counted))
+                .bind(stamp(now))
+                .execute(&mut *self.0)
+                .await?;
+            Ok(())
+        }
+
+        async fn delete_unproven(&mut self, at: OffsetDateTime) -> Result<(), StoreError> {
+            sqlx::query(sql::DELETE_UNPROVEN)
+                .bind(format_instant(at))
+                .execute(&mut *self.0)
+                .await?;
+            Ok(())
+        }
+
+        async fn set_watermark(&mut self, watermark: OffsetDateTime) -> Result<(), StoreError> {
+            sqlx::query(sql::SET_WATERMARK)
+                .bind(format_instant(watermark))
+                .execute(&mut *self.0)
+                .await?;
+            Ok(())
+        }
+    };
+}
+pub(super) use write_common;

@@ -8,13 +8,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
-use sqlx::Executor;
 use time::OffsetDateTime;
 
 use super::model::{RunRecord, RunSummary, StoredUnproven};
 use super::{
-    sql, Backend, CallEdge, Counts, GraphNode, LiveProcedure, LiveRows, LockGuard, LockKind, RunId,
-    StoreError,
+    sql, Backend, CallEdge, Counts, GraphNode, LiveRows, LockGuard, LockKind, RunId, StoreError,
 };
 use crate::klarify::format_instant;
 
@@ -58,110 +56,10 @@ impl Backend for PgBackend {
     // statement hold about a megabyte per 1,000 procedures.
     const BATCH_ITEMS: usize = 1000;
 
-    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.writer).await
-    }
+    sql::backend_common!();
 
     async fn begin(&self) -> Result<tx::PgTx, StoreError> {
         Ok(tx::PgTx(self.writer.begin().await?))
-    }
-
-    async fn applied_migration(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar(sql::APPLIED_MIGRATION)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn watermark(&self) -> Result<Option<String>, StoreError> {
-        let w: Option<Option<String>> = sqlx::query_scalar(sql::GET_WATERMARK)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(w.flatten())
-    }
-
-    async fn begin_run(
-        &self,
-        mode: &str,
-        watermark: Option<OffsetDateTime>,
-    ) -> Result<RunId, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        tx.execute(sql::ABANDON_RUNS).await?;
-        let id = sqlx::query_scalar(sql::BEGIN_RUN)
-            .bind(OffsetDateTime::now_utc())
-            .bind(mode)
-            .bind(watermark.map(format_instant))
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    async fn finish_run(&self, run: RunId, r: &RunRecord) -> Result<(), StoreError> {
-        let q = sqlx::query(sql::FINISH_RUN)
-            .bind(run)
-            .bind(OffsetDateTime::now_utc())
-            .bind(r.outcome.as_str());
-        r.counts()
-            .into_iter()
-            .fold(q, |q, n| q.bind(n))
-            .bind(r.watermark_after.map(format_instant))
-            .bind(r.error.as_deref())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn live_rows(&self) -> Result<LiveRows, StoreError> {
-        Ok(LiveRows {
-            procedures: sqlx::query_as::<_, LiveProcedure>(LIVE_PROCEDURES)
-                .fetch_all(&self.pool)
-                .await?,
-            lanes: sqlx::query_as(sql::LIVE_LANES)
-                .fetch_all(&self.pool)
-                .await?,
-            calls: sqlx::query_as(sql::LIVE_CALLS)
-                .fetch_all(&self.pool)
-                .await?,
-        })
-    }
-
-    async fn call_graph(&self) -> Result<(Vec<GraphNode>, Vec<CallEdge>), StoreError> {
-        let nodes = sqlx::query_as(sql::GRAPH_NODES)
-            .fetch_all(&self.pool)
-            .await?;
-        let edges = sqlx::query_as(sql::GRAPH_EDGES)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok((nodes, edges))
-    }
-
-    async fn unproven_groups(&self) -> Result<Vec<StoredUnproven>, StoreError> {
-        Ok(sqlx::query_as(UNPROVEN_GROUPS)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn future_dated(&self, after: OffsetDateTime) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(sql::COUNT_FUTURE)
-            .bind(after)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn counts(&self) -> Result<Counts, StoreError> {
-        Ok(sqlx::query_as(sql::COUNTS).fetch_one(&self.pool).await?)
-    }
-
-    async fn recent_runs(&self, limit: i64) -> Result<Vec<RunSummary>, StoreError> {
-        Ok(sqlx::query_as(RECENT_RUNS)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
     }
 
     async fn try_lock(&self, kind: LockKind) -> Result<Option<LockGuard>, StoreError> {
@@ -172,6 +70,11 @@ impl Backend for PgBackend {
         self.writer.close().await;
         self.pool.close().await;
     }
+}
+
+/// Timestamps are `timestamptz` but for the cursor columns (text, as on SQLite).
+fn stamp(t: OffsetDateTime) -> OffsetDateTime {
+    t
 }
 
 /// The SQLSTATEs whose cause is the set-up, not the data, in words that say what to do.

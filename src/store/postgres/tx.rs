@@ -12,6 +12,7 @@ use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
 use super::super::sweep::SweepTx;
 use super::super::write::{calls, lanes, Stored, Version, WriteTx};
 use super::super::{count, sql, RunId, StoreError, Tx};
+use super::stamp;
 use crate::klarify::format_instant;
 
 const EXISTING: &str = "SELECT id, updated_at, content_hash, deleted_at IS NOT NULL AS deleted \
@@ -94,13 +95,9 @@ impl CopyText {
     }
 }
 
-impl Tx for PgTx {
-    async fn commit(self) -> Result<(), StoreError> {
-        Ok(self.0.commit().await?)
-    }
-}
-
 impl WriteTx for PgTx {
+    sql::write_common!();
+
     async fn existing(&mut self, ids: &[&str]) -> Result<HashMap<String, Stored>, StoreError> {
         let rows = sqlx::query(EXISTING)
             .bind(ids)
@@ -232,45 +229,10 @@ impl WriteTx for PgTx {
             .filter_map(|(hash, first)| first.then_some(hash))
             .collect())
     }
-
-    async fn record_unproven(
-        &mut self,
-        g: &UnprovenGroup,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        sqlx::query(sql::RECORD_UNPROVEN)
-            .bind(format_instant(g.at))
-            .bind(count(g.size_bound))
-            .bind(count(g.size_counted))
-            .bind(now)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn delete_unproven(&mut self, at: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query(sql::DELETE_UNPROVEN)
-            .bind(format_instant(at))
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_watermark(&mut self, watermark: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query(sql::SET_WATERMARK)
-            .bind(format_instant(watermark))
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
 }
 
 impl SchemaTx for PgTx {
-    async fn any_procedure(&mut self) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(sql::ANY_PROCEDURE)
-            .fetch_one(&mut *self.0)
-            .await?)
-    }
+    sql::schema_common!();
 
     /// Also the foreign keys of lanes and calls: each row's check is a locking lookup of its
     /// procedure, while adding the constraint back checks all rows in one join. (SQLite cannot
@@ -304,69 +266,6 @@ impl SchemaTx for PgTx {
             Err(e) => Err(e.into()),
         }
     }
-
-    async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
-        sqlx::query(sql::RECORD_DEFERRED)
-            .bind(&d.name)
-            .bind(&d.restore)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn deferred(&mut self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(sql::DEFERRED)
-            .fetch_all(&mut *self.0)
-            .await?)
-    }
-
-    async fn restore(&mut self, statement: &str) -> Result<(), StoreError> {
-        self.0.execute(statement).await?;
-        Ok(())
-    }
-
-    async fn clear_deferred(&mut self) -> Result<(), StoreError> {
-        self.0.execute(sql::CLEAR_DEFERRED).await?;
-        Ok(())
-    }
-}
-
-impl SweepTx for PgTx {
-    async fn count_live(&mut self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(sql::COUNT_LIVE)
-            .fetch_one(&mut *self.0)
-            .await?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn count_unseen(&mut self, run: RunId) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(sql::COUNT_UNSEEN)
-            .bind(run)
-            .fetch_one(&mut *self.0)
-            .await?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn mark_unseen_deleted(
-        &mut self,
-        run: RunId,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        sqlx::query(sql::MARK_DELETED)
-            .bind(run)
-            .bind(now)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn clear_seen(&mut self, run: RunId) -> Result<(), StoreError> {
-        sqlx::query(sql::CLEAR_SEEN)
-            .bind(run)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
 }
 
 fn pg_code(e: &sqlx::Error) -> Option<&str> {
@@ -374,3 +273,5 @@ fn pg_code(e: &sqlx::Error) -> Option<&str> {
         .try_downcast_ref::<PgDatabaseError>()
         .map(PgDatabaseError::code)
 }
+
+sql::tx_common!(PgTx);

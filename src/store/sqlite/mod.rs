@@ -20,8 +20,7 @@ use tokio::task::JoinHandle;
 use super::model::{RunRecord, RunSummary, StoredUnproven};
 use super::write::timed;
 use super::{
-    sql, Backend, CallEdge, Counts, GraphNode, LiveProcedure, LiveRows, LockGuard, LockKind, RunId,
-    StoreError,
+    sql, Backend, CallEdge, Counts, GraphNode, LiveRows, LockGuard, LockKind, RunId, StoreError,
 };
 use crate::klarify::format_instant;
 
@@ -112,108 +111,10 @@ impl Backend for SqliteBackend {
     // for all of it keeps that table's pages hot (docs/performance.md).
     const BATCH_ITEMS: usize = usize::MAX;
 
-    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
-
-    async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.writer).await
-    }
+    sql::backend_common!();
 
     async fn begin(&self) -> Result<tx::SqliteTx, StoreError> {
         Ok(tx::SqliteTx(self.writer.begin().await?))
-    }
-
-    async fn applied_migration(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar(sql::APPLIED_MIGRATION)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn watermark(&self) -> Result<Option<String>, StoreError> {
-        let w: Option<Option<String>> = sqlx::query_scalar(sql::GET_WATERMARK)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(w.flatten())
-    }
-
-    async fn begin_run(
-        &self,
-        mode: &str,
-        watermark: Option<OffsetDateTime>,
-    ) -> Result<RunId, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        tx.execute(sql::ABANDON_RUNS).await?;
-        let id = sqlx::query_scalar(sql::BEGIN_RUN)
-            .bind(now())
-            .bind(mode)
-            .bind(watermark.map(format_instant))
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    async fn finish_run(&self, run: RunId, r: &RunRecord) -> Result<(), StoreError> {
-        let q = sqlx::query(sql::FINISH_RUN).bind(run).bind(now());
-        let q = q.bind(r.outcome.as_str());
-        r.counts()
-            .into_iter()
-            .fold(q, |q, n| q.bind(n))
-            .bind(r.watermark_after.map(format_instant))
-            .bind(r.error.as_deref())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn live_rows(&self) -> Result<LiveRows, StoreError> {
-        Ok(LiveRows {
-            procedures: sqlx::query_as::<_, LiveProcedure>(LIVE_PROCEDURES)
-                .fetch_all(&self.pool)
-                .await?,
-            lanes: sqlx::query_as(sql::LIVE_LANES)
-                .fetch_all(&self.pool)
-                .await?,
-            calls: sqlx::query_as(sql::LIVE_CALLS)
-                .fetch_all(&self.pool)
-                .await?,
-        })
-    }
-
-    async fn call_graph(&self) -> Result<(Vec<GraphNode>, Vec<CallEdge>), StoreError> {
-        let nodes = sqlx::query_as(sql::GRAPH_NODES)
-            .fetch_all(&self.pool)
-            .await?;
-        let edges = sqlx::query_as(sql::GRAPH_EDGES)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok((nodes, edges))
-    }
-
-    async fn unproven_groups(&self) -> Result<Vec<StoredUnproven>, StoreError> {
-        Ok(sqlx::query_as(UNPROVEN_GROUPS)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn future_dated(&self, after: OffsetDateTime) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(sql::COUNT_FUTURE)
-            .bind(format_instant(after))
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn counts(&self) -> Result<Counts, StoreError> {
-        Ok(sqlx::query_as(sql::COUNTS).fetch_one(&self.pool).await?)
-    }
-
-    async fn recent_runs(&self, limit: i64) -> Result<Vec<RunSummary>, StoreError> {
-        Ok(sqlx::query_as(RECENT_RUNS)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
     }
 
     async fn try_lock(&self, kind: LockKind) -> Result<Option<LockGuard>, StoreError> {
@@ -276,6 +177,7 @@ pub(super) fn explain(e: &SqliteError) -> Option<String> {
     })
 }
 
-fn now() -> String {
-    format_instant(OffsetDateTime::now_utc())
+/// Timestamps are text in one fixed width, so that text order is time order.
+fn stamp(t: OffsetDateTime) -> String {
+    format_instant(t)
 }

@@ -14,6 +14,7 @@ use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
 use super::super::sweep::SweepTx;
 use super::super::write::{calls, lanes, Stored, Version, WriteTx};
 use super::super::{count, sql, RunId, StoreError, Tx};
+use super::stamp;
 use crate::klarify::format_instant;
 
 /// The most rows one statement writes. Smaller remainders go in power-of-two chunks, so that a
@@ -119,13 +120,9 @@ fn shape(
         })
 }
 
-impl Tx for SqliteTx {
-    async fn commit(self) -> Result<(), StoreError> {
-        Ok(self.0.commit().await?)
-    }
-}
-
 impl WriteTx for SqliteTx {
+    sql::write_common!();
+
     async fn existing(&mut self, ids: &[&str]) -> Result<HashMap<String, Stored>, StoreError> {
         let rows = self
             .each_chunk(
@@ -264,46 +261,10 @@ impl WriteTx for SqliteTx {
             })
             .collect()
     }
-
-    async fn record_unproven(
-        &mut self,
-        g: &UnprovenGroup,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let now = format_instant(now);
-        sqlx::query(sql::RECORD_UNPROVEN)
-            .bind(format_instant(g.at))
-            .bind(count(g.size_bound))
-            .bind(count(g.size_counted))
-            .bind(&now)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn delete_unproven(&mut self, at: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query(sql::DELETE_UNPROVEN)
-            .bind(format_instant(at))
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_watermark(&mut self, watermark: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query(sql::SET_WATERMARK)
-            .bind(format_instant(watermark))
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
 }
 
 impl SchemaTx for SqliteTx {
-    async fn any_procedure(&mut self) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(sql::ANY_PROCEDURE)
-            .fetch_one(&mut *self.0)
-            .await?)
-    }
+    sql::schema_common!();
 
     /// In WAL mode readers never hold up a writer, DDL included: no lock timeout to set.
     async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError> {
@@ -321,67 +282,6 @@ impl SchemaTx for SqliteTx {
         self.0.execute(d.drop.as_str()).await?;
         Ok(Dropped::Yes)
     }
-
-    async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
-        sqlx::query(sql::RECORD_DEFERRED)
-            .bind(&d.name)
-            .bind(&d.restore)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn deferred(&mut self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(sql::DEFERRED)
-            .fetch_all(&mut *self.0)
-            .await?)
-    }
-
-    async fn restore(&mut self, statement: &str) -> Result<(), StoreError> {
-        self.0.execute(statement).await?;
-        Ok(())
-    }
-
-    async fn clear_deferred(&mut self) -> Result<(), StoreError> {
-        self.0.execute(sql::CLEAR_DEFERRED).await?;
-        Ok(())
-    }
 }
 
-impl SweepTx for SqliteTx {
-    async fn count_live(&mut self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(sql::COUNT_LIVE)
-            .fetch_one(&mut *self.0)
-            .await?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn count_unseen(&mut self, run: RunId) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(sql::COUNT_UNSEEN)
-            .bind(run)
-            .fetch_one(&mut *self.0)
-            .await?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn mark_unseen_deleted(
-        &mut self,
-        run: RunId,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        sqlx::query(sql::MARK_DELETED)
-            .bind(run)
-            .bind(format_instant(now))
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-
-    async fn clear_seen(&mut self, run: RunId) -> Result<(), StoreError> {
-        sqlx::query(sql::CLEAR_SEEN)
-            .bind(run)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
-}
+sql::tx_common!(SqliteTx);
