@@ -237,6 +237,8 @@ fn optional_instant<S: Serializer>(t: &Option<OffsetDateTime>, s: S) -> Result<S
 pub(crate) struct ProcRow<'a> {
     pub procedure: &'a Procedure,
     pub content_hash: String,
+    /// `procedures.key`: the stored one, or the next free one for a new procedure.
+    pub key: i64,
 }
 
 #[derive(Debug)]

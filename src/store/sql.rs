@@ -5,6 +5,7 @@
 pub(super) const APPLIED_MIGRATION: &str =
     "SELECT MAX(version) FROM _sqlx_migrations WHERE success";
 pub(super) const GET_WATERMARK: &str = "SELECT watermark FROM sync_state WHERE id = 1";
+pub(super) const NEXT_KEY: &str = "SELECT COALESCE(MAX(key), 0) + 1 FROM procedures";
 pub(super) const SET_WATERMARK: &str = "INSERT INTO sync_state (id, watermark) VALUES (1, $1) \
      ON CONFLICT (id) DO UPDATE SET watermark = excluded.watermark";
 /// Passes of processes that died mid-pass; only run under the pass lock, when none is running.
@@ -272,6 +273,12 @@ pub(super) use schema_common;
 /// [`super::write::WriteTx`]'s statements of one row each.
 macro_rules! write_common {
     () => {
+        async fn next_key(&mut self) -> Result<i64, StoreError> {
+            Ok(sqlx::query_scalar(sql::NEXT_KEY)
+                .fetch_one(&mut *self.0)
+                .await?)
+        }
+
         async fn record_unproven(
             &mut self,
             g: &UnprovenGroup,

@@ -14,6 +14,7 @@ use crate::klarify::{untrusted, Procedure};
 /// The stored state of one procedure, enough to decide whether a served item changes it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub(crate) struct Stored {
+    pub key: i64,
     pub updated_at: OffsetDateTime,
     pub content_hash: String,
     pub deleted: bool,
@@ -29,13 +30,16 @@ pub(crate) struct Version<'a> {
 /// The statements of a page write, on one transaction of a backend's writer. Every slice is
 /// non-empty; ids are distinct within a call.
 pub(crate) trait WriteTx: super::Tx {
+    /// The key the next new procedure takes: past every stored one, so that new procedures'
+    /// lanes and calls go to the end of their trees.
+    async fn next_key(&mut self) -> Result<i64, StoreError>;
     /// The stored state of those of `ids` the mirror holds.
     async fn existing(&mut self, ids: &[&str]) -> Result<HashMap<String, Stored>, StoreError>;
     /// Moves the current row and lanes of each procedure into the history, dropping any history
     /// rows of the versions they take (a procedure may come back at a version it had).
     async fn archive(&mut self, versions: &[Version<'_>]) -> Result<(), StoreError>;
-    /// Removes the lanes and calls of procedures about to be rewritten.
-    async fn delete_children(&mut self, ids: &[&str]) -> Result<(), StoreError>;
+    /// Removes the lanes and calls of procedures about to be rewritten, by their keys.
+    async fn delete_children(&mut self, keys: &[i64]) -> Result<(), StoreError>;
     /// Inserts `procedures` rows the mirror does not hold (the lookup before, in the same
     /// transaction, found none); a backend may write them faster than an upsert.
     async fn insert_procedures(
@@ -135,7 +139,7 @@ async fn write_procedures(
     now: OffsetDateTime,
 ) -> Result<WriteStats, StoreError> {
     let stored = timed("existing", tx.existing(ids)).await?;
-    let plan = Plan::new(items, &stored);
+    let plan = Plan::new(items, &stored, tx.next_key().await?);
     if plan.rows.is_empty() {
         return Ok(plan.stats);
     }
@@ -148,12 +152,17 @@ async fn write_procedures(
         timed("delete_replaced", tx.delete_children(&plan.replaced)).await?;
     }
     let (new, stored) = plan.rows.split_at(plan.new);
-    if !new.is_empty() {
-        timed("insert_procedures", tx.insert_procedures(new, now)).await?;
-    }
-    if !stored.is_empty() {
-        timed("upsert_procedures", tx.upsert_procedures(stored, now)).await?;
-    }
+    // One step for the metrics, as before new procedures had a statement of their own.
+    let write = async {
+        if !new.is_empty() {
+            tx.insert_procedures(new, now).await?;
+        }
+        if !stored.is_empty() {
+            tx.upsert_procedures(stored, now).await?;
+        }
+        Ok(())
+    };
+    timed("upsert_procedures", write).await?;
     timed("insert_lanes", tx.insert_lanes(&plan.rows)).await?;
     timed("insert_calls", tx.insert_calls(&plan.rows)).await?;
     Ok(plan.stats)
@@ -168,13 +177,13 @@ struct Plan<'a> {
     /// How many of `rows` are new.
     new: usize,
     /// Stored and rewritten: their lanes and calls go first.
-    replaced: Vec<&'a str>,
+    replaced: Vec<i64>,
     /// Stored at another version: the stored one goes to the history.
     new_versions: Vec<Version<'a>>,
 }
 
 impl<'a> Plan<'a> {
-    fn new(items: &[&'a Procedure], stored: &HashMap<String, Stored>) -> Self {
+    fn new(items: &[&'a Procedure], stored: &HashMap<String, Stored>, mut next_key: i64) -> Self {
         let mut plan = Plan {
             stats: WriteStats::default(),
             rows: Vec::new(),
@@ -203,18 +212,24 @@ impl<'a> Plan<'a> {
                             updated_at: p.updated_at,
                         });
                     }
-                    plan.replaced.push(&p.id);
+                    plan.replaced.push(s.key);
                     plan.stats.updated += 1;
                 }
             }
-            let row = ProcRow {
-                procedure: p,
-                content_hash: hash,
-            };
-            if stored.contains_key(&p.id) {
-                changed.push(row);
-            } else {
-                plan.rows.push(row);
+            match stored.get(&p.id) {
+                Some(s) => changed.push(ProcRow {
+                    procedure: p,
+                    content_hash: hash,
+                    key: s.key,
+                }),
+                None => {
+                    plan.rows.push(ProcRow {
+                        procedure: p,
+                        content_hash: hash,
+                        key: next_key,
+                    });
+                    next_key += 1;
+                }
             }
         }
         plan.new = plan.rows.len();
@@ -223,20 +238,25 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// The lanes of `rows`: procedure id, position, lane.
-pub(crate) fn lanes<'a>(rows: &'a [ProcRow<'a>]) -> impl Iterator<Item = (&'a str, i32, &'a str)> {
+/// A procedure's key and id, with which its lanes and calls are stored.
+pub(crate) type Owner<'a> = (i64, &'a str);
+
+/// The lanes of `rows`: owner, position, lane.
+pub(crate) fn lanes<'a>(
+    rows: &'a [ProcRow<'a>],
+) -> impl Iterator<Item = (Owner<'a>, i32, &'a str)> {
     rows.iter().flat_map(|r| {
         let p = r.procedure;
         (0..)
             .zip(&p.lanes)
-            .map(|(i, l)| (p.id.as_str(), i, l.as_str()))
+            .map(move |(i, l)| ((r.key, p.id.as_str()), i, l.as_str()))
     })
 }
 
-/// The calls of `rows`: procedure id, relation, position, related name.
+/// The calls of `rows`: owner, relation, position, related name.
 pub(crate) fn calls<'a>(
     rows: &'a [ProcRow<'a>],
-) -> impl Iterator<Item = (&'a str, &'static str, i32, &'a str)> {
+) -> impl Iterator<Item = (Owner<'a>, &'static str, i32, &'a str)> {
     rows.iter().flat_map(|r| {
         let p = r.procedure;
         [
@@ -247,7 +267,7 @@ pub(crate) fn calls<'a>(
         .flat_map(move |(relation, names)| {
             (0..)
                 .zip(names)
-                .map(move |(i, n)| (p.id.as_str(), relation, i, n.as_str()))
+                .map(move |(i, n)| ((r.key, p.id.as_str()), relation, i, n.as_str()))
         })
     })
 }
@@ -335,6 +355,7 @@ mod tests {
         let revived = item("revived", "2024-01-01T00:00:05Z", "v");
         let stored_as = |p: &Procedure, ts: &str, deleted: bool, hash: Option<&str>| {
             let s = Stored {
+                key: p.id.len() as i64,
                 updated_at: crate::klarify::parse_instant(ts).unwrap(),
                 content_hash: hash.map_or_else(|| content_hash(&p.raw), str::to_owned),
                 deleted,
@@ -351,11 +372,16 @@ mod tests {
         .into_iter()
         .collect();
         let items = [&new, &same, &older, &edited, &rewritten, &revived];
-        let plan = Plan::new(&items, &stored);
+        let plan = Plan::new(&items, &stored, 40);
         let written: Vec<&str> = plan.rows.iter().map(|r| r.procedure.id.as_str()).collect();
         assert_eq!(written, ["new", "edited", "rewritten", "revived"]);
         assert_eq!(plan.new, 1);
-        assert_eq!(plan.replaced, ["edited", "rewritten", "revived"]);
+        let keys = |ids: &[&str]| ids.iter().map(|id| id.len() as i64).collect::<Vec<_>>();
+        assert_eq!(plan.replaced, keys(&["edited", "rewritten", "revived"]));
+        assert_eq!(
+            plan.rows[0].key, 40,
+            "a new procedure takes the next free key"
+        );
         let versions: Vec<&str> = plan.new_versions.iter().map(|v| v.id).collect();
         assert_eq!(versions, ["edited"]);
         assert_eq!(
@@ -369,11 +395,11 @@ mod tests {
         );
         assert_eq!(
             lanes(&plan.rows).take(2).collect::<Vec<_>>(),
-            [("new", 0, "x"), ("new", 1, "y")]
+            [((40, "new"), 0, "x"), ((40, "new"), 1, "y")]
         );
         assert_eq!(
             calls(&plan.rows).next(),
-            Some(("new", "called_within", 0, "n"))
+            Some(((40, "new"), "called_within", 0, "n"))
         );
     }
 }

@@ -15,7 +15,8 @@ use super::super::{count, sql, RunId, StoreError, Tx};
 use super::stamp;
 use crate::klarify::format_instant;
 
-const EXISTING: &str = "SELECT id, updated_at, content_hash, deleted_at IS NOT NULL AS deleted \
+const EXISTING: &str =
+    "SELECT id, key, updated_at, content_hash, deleted_at IS NOT NULL AS deleted \
     FROM procedures WHERE id = ANY($1)";
 /// The parts of one statement run on one snapshot and foreign keys are checked at its end, so
 /// the lanes may name the history rows the same statement adds. A history row's lanes go with
@@ -25,26 +26,27 @@ const ARCHIVE: &str = "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::timestamp
         WHERE h.procedure_id = v.id AND h.updated_at = v.updated_at), \
     lanes AS (INSERT INTO procedure_history_lanes (procedure_id, updated_at, position, lane) \
         SELECT l.procedure_id, p.updated_at, l.position, l.lane \
-        FROM procedure_lanes l JOIN procedures p ON p.id = l.procedure_id \
+        FROM procedure_lanes l JOIN procedures p ON p.key = l.procedure_key \
         WHERE p.id IN (SELECT id FROM v)) \
     INSERT INTO procedure_history \
         (procedure_id, updated_at, name, status, owner, performer, url, raw, recorded_at, deleted_at) \
     SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, deleted_at \
     FROM procedures WHERE id IN (SELECT id FROM v)";
 const DELETE_CHILDREN: &str =
-    "WITH lanes AS (DELETE FROM procedure_lanes WHERE procedure_id = ANY($1)) \
-    DELETE FROM procedure_calls WHERE procedure_id = ANY($1)";
+    "WITH lanes AS (DELETE FROM procedure_lanes WHERE procedure_key = ANY($1)) \
+    DELETE FROM procedure_calls WHERE procedure_key = ANY($1)";
 const UPSERT_PROCEDURES: &str = "INSERT INTO procedures (id, name, status, owner, performer, \
-    updated_at, url, raw, content_hash, first_seen_at, synced_at) \
-    SELECT id, name, status, owner, performer, updated_at, url, raw::jsonb, content_hash, $10, $10 \
+    updated_at, url, raw, content_hash, first_seen_at, synced_at, key) \
+    SELECT id, name, status, owner, performer, updated_at, url, raw::jsonb, content_hash, $10, $10, key \
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
-        $7::text[], $8::text[], $9::text[]) \
-        AS r(id, name, status, owner, performer, updated_at, url, raw, content_hash)";
+        $7::text[], $8::text[], $9::text[], $11::int8[]) \
+        AS r(id, name, status, owner, performer, updated_at, url, raw, content_hash, key)";
 const COPY_PROCEDURES: &str = "COPY procedures (id, name, status, owner, performer, updated_at, \
-    url, raw, content_hash, first_seen_at, synced_at) FROM STDIN";
-const COPY_LANES: &str = "COPY procedure_lanes (procedure_id, position, lane) FROM STDIN";
-const COPY_CALLS: &str =
-    "COPY procedure_calls (procedure_id, relation, position, related_name) FROM STDIN";
+    url, raw, content_hash, first_seen_at, synced_at, key) FROM STDIN";
+const COPY_LANES: &str =
+    "COPY procedure_lanes (procedure_key, procedure_id, position, lane) FROM STDIN";
+const COPY_CALLS: &str = "COPY procedure_calls \
+    (procedure_key, procedure_id, relation, position, related_name) FROM STDIN";
 const INSERT_SEEN: &str = "INSERT INTO sync_seen (run_id, procedure_id) \
     SELECT $1, UNNEST($2::text[]) ON CONFLICT DO NOTHING";
 const UPSERT_REJECTED: &str =
@@ -119,9 +121,9 @@ impl WriteTx for PgTx {
         Ok(())
     }
 
-    async fn delete_children(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+    async fn delete_children(&mut self, keys: &[i64]) -> Result<(), StoreError> {
         sqlx::query(DELETE_CHILDREN)
-            .bind(ids)
+            .bind(keys)
             .execute(&mut *self.0)
             .await?;
         Ok(())
@@ -148,6 +150,7 @@ impl WriteTx for PgTx {
             .bind(column(|r| Some(r.procedure.raw.as_str())))
             .bind(column(|r| Some(r.content_hash.as_str())))
             .bind(now)
+            .bind(rows.iter().map(|r| r.key).collect::<Vec<_>>())
             .execute(&mut *self.0)
             .await?;
         Ok(())
@@ -174,6 +177,7 @@ impl WriteTx for PgTx {
                 Some(&r.content_hash),
                 Some(&now),
                 Some(&now),
+                Some(&r.key.to_string()),
             ]);
         }
         self.copy(COPY_PROCEDURES, copy).await
@@ -181,16 +185,22 @@ impl WriteTx for PgTx {
 
     async fn insert_lanes(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
         let mut copy = CopyText::default();
-        for (id, position, lane) in lanes(rows) {
-            copy.row([Some(id), Some(&position.to_string()), Some(lane)]);
+        for ((key, id), position, lane) in lanes(rows) {
+            copy.row([
+                Some(&key.to_string()),
+                Some(id),
+                Some(&position.to_string()),
+                Some(lane),
+            ]);
         }
         self.copy(COPY_LANES, copy).await
     }
 
     async fn insert_calls(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
         let mut copy = CopyText::default();
-        for (id, relation, position, name) in calls(rows) {
+        for ((key, id), relation, position, name) in calls(rows) {
             copy.row([
+                Some(&key.to_string()),
                 Some(id),
                 Some(relation),
                 Some(&position.to_string()),

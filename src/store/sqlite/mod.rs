@@ -80,8 +80,7 @@ impl SqliteBackend {
             // pages: every commit then paid a checkpoint with two fsyncs. The checkpoints run
             // on a read connection instead, after each commit, while the writer goes on; the
             // writer's own, past 20,000 pages (80 MiB of WAL), only bounds the WAL.
-            .pragma("wal_autocheckpoint", "20000")
-            .pragma("temp_store", "MEMORY");
+            .pragma("wal_autocheckpoint", "20000");
         let file = options.get_filename();
         let file = (file != Path::new(":memory:")).then(|| file.to_owned());
         let pool = |n: u32| {

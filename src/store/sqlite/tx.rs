@@ -21,10 +21,11 @@ use crate::klarify::format_instant;
 /// table is written by at most eight statement shapes, each prepared once per connection.
 const MAX_ROWS: usize = 128;
 const UPSERT_PROCEDURES: &str = "INSERT INTO procedures (id, name, status, owner, performer, \
-    updated_at, url, raw, content_hash, first_seen_at, synced_at)";
-const INSERT_LANES: &str = "INSERT INTO procedure_lanes (procedure_id, position, lane)";
-const INSERT_CALLS: &str =
-    "INSERT INTO procedure_calls (procedure_id, relation, position, related_name)";
+    updated_at, url, raw, content_hash, first_seen_at, synced_at, key)";
+const INSERT_LANES: &str =
+    "INSERT INTO procedure_lanes (procedure_key, procedure_id, position, lane)";
+const INSERT_CALLS: &str = "INSERT INTO procedure_calls \
+    (procedure_key, procedure_id, relation, position, related_name)";
 const UPSERT_REJECTED: &str =
     "INSERT INTO rejected_items (raw_hash, raw, reason, first_seen_at, seen_at)";
 const ARCHIVE_PROCEDURES: &str = "INSERT INTO procedure_history (procedure_id, updated_at, name, \
@@ -33,7 +34,7 @@ const ARCHIVE_PROCEDURES: &str = "INSERT INTO procedure_history (procedure_id, u
     FROM procedures WHERE id IN";
 const ARCHIVE_LANES: &str = "INSERT INTO procedure_history_lanes (procedure_id, updated_at, \
     position, lane) SELECT l.procedure_id, p.updated_at, l.position, l.lane \
-    FROM procedure_lanes l JOIN procedures p ON p.id = l.procedure_id WHERE p.id IN";
+    FROM procedure_lanes l JOIN procedures p ON p.key = l.procedure_key WHERE p.id IN";
 
 pub(in crate::store) struct SqliteTx(pub(super) Transaction<'static, Sqlite>);
 
@@ -128,7 +129,7 @@ impl WriteTx for SqliteTx {
             .each_chunk(
                 (
                     "WITH ids(id) AS (",
-                    ") SELECT p.id, p.updated_at, p.content_hash, \
+                    ") SELECT p.id, p.key, p.updated_at, p.content_hash, \
                      p.deleted_at IS NOT NULL AS deleted FROM procedures p JOIN ids ON ids.id = p.id",
                 ),
                 1,
@@ -158,17 +159,15 @@ impl WriteTx for SqliteTx {
         self.each_ids((ARCHIVE_LANES, ""), &ids).await
     }
 
-    async fn delete_children(&mut self, ids: &[&str]) -> Result<(), StoreError> {
-        self.each_ids(
-            ("DELETE FROM procedure_lanes WHERE procedure_id IN", ""),
-            ids,
-        )
-        .await?;
-        self.each_ids(
-            ("DELETE FROM procedure_calls WHERE procedure_id IN", ""),
-            ids,
-        )
-        .await
+    async fn delete_children(&mut self, keys: &[i64]) -> Result<(), StoreError> {
+        for head in [
+            "DELETE FROM procedure_lanes WHERE procedure_key IN (",
+            "DELETE FROM procedure_calls WHERE procedure_key IN (",
+        ] {
+            self.each_chunk((head, ")"), 1, keys, |q, key| q.bind(*key))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn upsert_procedures(
@@ -179,7 +178,7 @@ impl WriteTx for SqliteTx {
         let now = format_instant(now);
         self.each_chunk(
             (UPSERT_PROCEDURES, sql::ON_CONFLICT_PROCEDURES),
-            11,
+            12,
             rows,
             |q, r| {
                 let p = r.procedure;
@@ -194,6 +193,7 @@ impl WriteTx for SqliteTx {
                     .bind(r.content_hash.as_str())
                     .bind(now.clone())
                     .bind(now.clone())
+                    .bind(r.key)
             },
         )
         .await?;
@@ -202,8 +202,8 @@ impl WriteTx for SqliteTx {
 
     async fn insert_lanes(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
         let lanes: Vec<_> = lanes(rows).collect();
-        self.each_chunk((INSERT_LANES, ""), 3, &lanes, |q, (id, i, lane)| {
-            q.bind(*id).bind(*i).bind(*lane)
+        self.each_chunk((INSERT_LANES, ""), 4, &lanes, |q, ((key, id), i, lane)| {
+            q.bind(*key).bind(*id).bind(*i).bind(*lane)
         })
         .await?;
         Ok(())
@@ -211,9 +211,12 @@ impl WriteTx for SqliteTx {
 
     async fn insert_calls(&mut self, rows: &[ProcRow<'_>]) -> Result<(), StoreError> {
         let calls: Vec<_> = calls(rows).collect();
-        self.each_chunk((INSERT_CALLS, ""), 4, &calls, |q, (id, rel, i, name)| {
-            q.bind(*id).bind(*rel).bind(*i).bind(*name)
-        })
+        self.each_chunk(
+            (INSERT_CALLS, ""),
+            5,
+            &calls,
+            |q, ((key, id), rel, i, name)| q.bind(*key).bind(*id).bind(*rel).bind(*i).bind(*name),
+        )
         .await?;
         Ok(())
     }
