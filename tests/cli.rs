@@ -630,6 +630,8 @@ async fn a_panic_is_one_line_and_exit_code_1() {
     // panics, as it does anywhere in Rust; what matters is how the binary reports a panic.
     let fake = fake(1).await;
     let dir = tempfile::tempdir().unwrap();
+    // `status` reads an existing mirror only.
+    assert!(run(env_for(&fake, &dir), &["--backfill"]).await.ok);
     let mut fds = [0; 2];
     // SAFETY: a new pipe; its read end is closed at once, its write end handed to the child.
     let write_end = unsafe {
