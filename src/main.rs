@@ -262,7 +262,8 @@ async fn healthcheck(config: Option<PathBuf>) -> anyhow::Result<()> {
 async fn status(config: Option<PathBuf>, json: bool, passes: i64) -> anyhow::Result<()> {
     let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
     settings.validate(false)?;
-    let store = Store::open(&settings.database_url(false), 1).await?;
+    // Reads only: a mistyped DATABASE_URL must not leave an empty mirror behind.
+    let store = Store::open_existing(&settings.database_url(false)).await?;
     let future_after =
         time::OffsetDateTime::now_utc() + Duration::from_secs(settings.sync.max_future_skew_secs);
     let status = store.status(passes, future_after).await?;

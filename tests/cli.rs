@@ -392,6 +392,14 @@ async fn status_reports_the_watermark_counts_and_passes() {
     assert!(out.stdout.contains("backfill succeeded"), "{}", out.stdout);
 }
 
+on_both_backends!(status_without_a_mirror_is_one_line_and_creates_nothing);
+
+async fn status_without_a_mirror_is_one_line_and_creates_nothing(backend: common::Backend) {
+    for args in [&["status"][..], &["status", "--json"]] {
+        common::assert_refused_without_a_mirror(backend, args).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_shows_progress_only_on_a_terminal() {
     let fake = fake(300).await;
@@ -622,6 +630,8 @@ async fn a_panic_is_one_line_and_exit_code_1() {
     // panics, as it does anywhere in Rust; what matters is how the binary reports a panic.
     let fake = fake(1).await;
     let dir = tempfile::tempdir().unwrap();
+    // `status` reads an existing mirror only.
+    assert!(run(env_for(&fake, &dir), &["--backfill"]).await.ok);
     let mut fds = [0; 2];
     // SAFETY: a new pipe; its read end is closed at once, its write end handed to the child.
     let write_end = unsafe {

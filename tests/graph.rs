@@ -160,26 +160,5 @@ async fn mermaid_and_a_neighbourhood_to_a_file(backend: Backend) {
 }
 
 async fn no_mirror_is_one_line_and_creates_nothing(backend: Backend) {
-    let (url, dir) = common::database(backend).await;
-    let out = graph(&url, &[]).await;
-    assert!(!out.ok);
-    assert!(out.stdout.is_empty());
-    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
-    assert!(
-        out.stderr.contains("there is no klarify-sync mirror at")
-            && out.stderr.contains("klarify-sync --once"),
-        "{}",
-        out.stderr
-    );
-    match dir {
-        Some(dir) => assert!(!dir.path().join("mirror.db").exists()),
-        None => {
-            let tables = common::scalar(
-                &url,
-                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
-            )
-            .await;
-            assert_eq!(tables, 0, "graph created tables");
-        }
-    }
+    common::assert_refused_without_a_mirror(backend, &["graph"]).await;
 }

@@ -6,10 +6,10 @@ mod common;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
-use common::{Backend, Env};
+use common::{tools, Backend, Env};
 use klarify_sync::fake::{Churn, Organisation};
 use klarify_sync::store::Store;
 use klarify_sync::sync::Mode;
@@ -991,7 +991,7 @@ fn documented_questions() -> Vec<Question> {
 async fn ask(env: &Env, sql: &str) -> Vec<String> {
     let url = env.database_url.expose_secret();
     let mut command = if let Some(path) = url.strip_prefix("sqlite://") {
-        let mut c = tokio::process::Command::new(client("sqlite3"));
+        let mut c = tools::sqlite3().await.async_command("sqlite3");
         c.args([
             "-batch",
             "-bail",
@@ -1005,7 +1005,7 @@ async fn ask(env: &Env, sql: &str) -> Vec<String> {
         .arg(path);
         c
     } else {
-        let mut c = tokio::process::Command::new(client("psql"));
+        let mut c = tools::postgres().await.async_command("psql");
         c.args([
             "-X",
             "-q",
@@ -1050,18 +1050,6 @@ async fn ask(env: &Env, sql: &str) -> Vec<String> {
                 .join("|")
         })
         .collect()
-}
-
-/// The client on PATH, or PostgreSQL 15's own copy of psql.
-fn client(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/lib/postgresql/15/bin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("the schema tests ask the mirror with the {name} command-line client: install it (Debian: apt-get install sqlite3 postgresql-client-15)")
-        })
 }
 
 /// psql prints a `timestamptz` as `2025-02-10 12:00:00+00` (with PGTZ=UTC); SQLite stores

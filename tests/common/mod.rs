@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod pg;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -346,5 +347,36 @@ pub async fn run_binary(env: Vec<(String, String)>, args: &[&str]) -> Output {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `klarify-sync ARGS` against a database that holds no mirror (a missing SQLite file, an empty
+/// PostgreSQL database) says so in one line, prints nothing else and creates nothing.
+pub async fn assert_refused_without_a_mirror(backend: Backend, args: &[&str]) {
+    let (url, dir) = database(backend).await;
+    let env = vec![("DATABASE_URL".to_owned(), url.expose_secret().to_owned())];
+    let out = run_binary(env, args).await;
+    assert!(!out.ok, "{args:?} succeeded: {}", out.stdout);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("there is no klarify-sync mirror at")
+            && out.stderr.contains("klarify-sync --once"),
+        "{}",
+        out.stderr
+    );
+    match dir {
+        Some(dir) => assert!(
+            !dir.path().join("mirror.db").exists(),
+            "{args:?} created the SQLite file"
+        ),
+        None => {
+            let tables = scalar(
+                &url,
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            )
+            .await;
+            assert_eq!(tables, 0, "{args:?} created tables");
+        }
     }
 }

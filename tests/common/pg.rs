@@ -7,9 +7,8 @@
 //! 1. `TEST_DATABASE_URL`, an admin URL to a server of your own;
 //! 2. a local cluster that this file starts from the PostgreSQL binaries (Debian's
 //!    `postgresql-15`), shared by every test process and left running for the next run;
-//! 3. a `postgres:15` container, when a Docker engine is around;
-//!
-//! and otherwise the test fails saying what to install.
+//! 3. a `postgres:15` container, when a Docker engine is around and no PostgreSQL is installed;
+//! 4. a local cluster as in 2, from Debian's `postgresql-15` got by tools.rs.
 //!
 //! The local cluster lives in `$TMPDIR/klarify-sync-test-pg-<uid>`, with its `server.log`
 //! and `port`. Stop it with `pg_ctl -D /tmp/klarify-sync-test-pg-$(id -u)/data stop` (as root:
@@ -32,6 +31,8 @@ use std::time::Duration;
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::process::Command;
 use tokio::sync::OnceCell;
+
+use super::tools::{self, Programs};
 
 /// The server's admin URL, found once per process. Only the URL is kept: each test has its
 /// own tokio runtime, and a pool made on one runtime breaks when that runtime ends.
@@ -66,17 +67,12 @@ async fn admin_url() -> String {
     {
         return url;
     }
-    if let Some(bin) = postgres_bin_dir() {
-        return local_cluster(bin).await;
-    }
-    if std::env::var_os("DOCKER_HOST").is_some() || Path::new("/var/run/docker.sock").exists() {
+    let docker =
+        std::env::var_os("DOCKER_HOST").is_some() || Path::new("/var/run/docker.sock").exists();
+    if docker && tools::installed_postgres().is_none() {
         return docker_server().await;
     }
-    panic!(
-        "PostgreSQL tests need a server: install PostgreSQL 15 (Debian: apt-get install \
-         postgresql-15) or set TEST_DATABASE_URL to an admin URL, e.g. \
-         postgres://postgres:secret@localhost:5432/postgres"
-    );
+    local_cluster(tools::postgres().await).await
 }
 
 /// `url` with its database replaced by `db`, keeping any `?` parameters.
@@ -94,14 +90,6 @@ fn with_database(url: &str, db: &str) -> String {
     }
 }
 
-/// Debian keeps initdb and pg_ctl off PATH; other systems (Homebrew, Fedora) put them on it.
-fn postgres_bin_dir() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::iter::once(PathBuf::from("/usr/lib/postgresql/15/bin"))
-        .chain(std::env::split_paths(&path))
-        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
-}
-
 /// Durability is worthless for test data, parallel tests open many connections, and the
 /// default unix socket directory may not be writable by us.
 const SETTINGS: &str = "
@@ -116,16 +104,16 @@ log_checkpoints = off
 
 /// The tests' own cluster, shared by all test processes of this user.
 struct Cluster {
-    bin: PathBuf,
+    programs: &'static Programs,
     dir: PathBuf,
     /// Who runs the server when we are root, which PostgreSQL refuses to be.
     owner: Option<(libc::uid_t, libc::gid_t)>,
 }
 
-async fn local_cluster(bin: PathBuf) -> String {
+async fn local_cluster(programs: &'static Programs) -> String {
     let euid = unsafe { libc::geteuid() };
     let cluster = Cluster {
-        bin,
+        programs,
         dir: std::env::temp_dir().join(format!("klarify-sync-test-pg-{euid}")),
         owner: (euid == 0).then(postgres_user),
     };
@@ -155,7 +143,7 @@ fn postgres_user() -> (libc::uid_t, libc::gid_t) {
 }
 
 /// flock rather than a lock file: the kernel releases it if a test process dies mid-start.
-fn lock(dir: &Path) -> File {
+pub(super) fn lock(dir: &Path) -> File {
     let path = dir.join("lock");
     let file = OpenOptions::new()
         .create(true)
@@ -310,7 +298,7 @@ impl Cluster {
             .append(true)
             .open(self.log())
             .expect("server log");
-        let mut cmd = Command::new(self.bin.join(program));
+        let mut cmd = self.programs.async_command(program);
         cmd.arg("-D")
             .arg(self.data())
             .current_dir(&self.dir)
@@ -396,20 +384,17 @@ pub struct PrivateCluster {
     _dir: tempfile::TempDir,
 }
 
-/// Creates, starts and returns a private cluster; panics when PostgreSQL's server binaries are
-/// missing (these tests cannot run against `TEST_DATABASE_URL` or a container).
+/// Creates, starts and returns a private cluster, from PostgreSQL's server binaries even when
+/// `TEST_DATABASE_URL` is set (these tests stop and start the server).
 pub async fn private_cluster() -> PrivateCluster {
-    let bin = postgres_bin_dir().expect(
-        "the database-outage tests stop and start a PostgreSQL server of their own: install \
-         PostgreSQL 15's server binaries (Debian: apt-get install postgresql-15)",
-    );
+    let programs = tools::postgres().await;
     let euid = unsafe { libc::geteuid() };
     let dir = tempfile::Builder::new()
         .prefix("klarify-sync-private-pg-")
         .tempdir_in(std::env::temp_dir())
         .expect("a temporary directory for a private PostgreSQL cluster");
     let cluster = Cluster {
-        bin,
+        programs,
         dir: dir.path().to_owned(),
         owner: (euid == 0).then(postgres_user),
     };
@@ -524,7 +509,7 @@ impl Drop for PrivateCluster {
         if !self.cluster.data().join("postmaster.pid").exists() {
             return;
         }
-        let mut pg_ctl = std::process::Command::new(self.cluster.bin.join("pg_ctl"));
+        let mut pg_ctl = self.cluster.programs.command("pg_ctl");
         pg_ctl
             .arg("-D")
             .arg(self.cluster.data())
