@@ -31,10 +31,10 @@ const UPSERT_REJECTED: &str =
 const ARCHIVE_PROCEDURES: &str = "INSERT INTO procedure_history (procedure_id, updated_at, name, \
     status, owner, performer, url, raw, recorded_at, deleted_at) \
     SELECT id, updated_at, name, status, owner, performer, url, raw, synced_at, deleted_at \
-    FROM procedures WHERE id IN";
+    FROM procedures WHERE id IN (";
 const ARCHIVE_LANES: &str = "INSERT INTO procedure_history_lanes (procedure_id, updated_at, \
     position, lane) SELECT l.procedure_id, p.updated_at, l.position, l.lane \
-    FROM procedure_lanes l JOIN procedures p ON p.key = l.procedure_key WHERE p.id IN";
+    FROM procedure_lanes l JOIN procedures p ON p.key = l.procedure_key WHERE p.id IN (";
 
 pub(in crate::store) struct SqliteTx(pub(super) Transaction<'static, Sqlite>);
 
@@ -52,27 +52,11 @@ impl SqliteTx {
     ) -> Result<Vec<SqliteRow>, StoreError> {
         let mut out = Vec::new();
         for chunk in chunks(rows) {
-            let statement = shape(head, tail, Some(columns), chunk.len());
+            let statement = shape(head, tail, columns, chunk.len());
             let query = chunk.iter().fold(sqlx::query(statement), &bind);
             out.extend(query.fetch_all(&mut *self.0).await?);
         }
         Ok(out)
-    }
-
-    /// Runs `head (?, …) tail` over `ids`, in chunks.
-    async fn each_ids(
-        &mut self,
-        (head, tail): (&'static str, &'static str),
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        for chunk in chunks(ids) {
-            let statement = shape(head, tail, None, chunk.len());
-            let query = chunk
-                .iter()
-                .fold(sqlx::query(statement), |q, id| q.bind(*id));
-            query.execute(&mut *self.0).await?;
-        }
-        Ok(())
     }
 }
 
@@ -93,16 +77,11 @@ fn chunks<R>(mut rows: &[R]) -> impl Iterator<Item = &[R]> {
     })
 }
 
-/// The text of a statement over `rows` rows: `head VALUES (?, …), … tail` for rows of
-/// `columns`, or `head (?, …) tail` for a list (`None`). Built once per shape and kept, as
-/// sqlx keeps the prepared statement, for the life of the process; [`chunks`] bounds the shapes.
-fn shape(
-    head: &'static str,
-    tail: &'static str,
-    columns: Option<usize>,
-    rows: usize,
-) -> &'static str {
-    type Key = (&'static str, &'static str, Option<usize>, usize);
+/// The text of a statement over `rows` rows of `columns`: `head VALUES (?, …), … tail`. Built
+/// once per shape and kept, as sqlx keeps the prepared statement, for the life of the process;
+/// [`chunks`] bounds the shapes.
+fn shape(head: &'static str, tail: &'static str, columns: usize, rows: usize) -> &'static str {
+    type Key = (&'static str, &'static str, usize, usize);
     static SHAPES: LazyLock<Mutex<HashMap<Key, &'static str>>> = LazyLock::new(Mutex::default);
     let mut shapes = SHAPES
         .lock()
@@ -110,13 +89,8 @@ fn shape(
     shapes
         .entry((head, tail, columns, rows))
         .or_insert_with(|| {
-            let text = match columns {
-                Some(columns) => {
-                    let row = format!("({})", vec!["?"; columns].join(","));
-                    format!("{head} VALUES {}{tail}", vec![row; rows].join(","))
-                }
-                None => format!("{head} ({}){tail}", vec!["?"; rows].join(",")),
-            };
+            let row = format!("({})", vec!["?"; columns].join(","));
+            let text = format!("{head} VALUES {}{tail}", vec![row; rows].join(","));
             Box::leak(text.into_boxed_str())
         })
 }
@@ -155,8 +129,11 @@ impl WriteTx for SqliteTx {
         )
         .await?;
         // The history row's lanes go with it (ON DELETE CASCADE; sqlx turns foreign keys on).
-        self.each_ids((ARCHIVE_PROCEDURES, ""), &ids).await?;
-        self.each_ids((ARCHIVE_LANES, ""), &ids).await
+        for head in [ARCHIVE_PROCEDURES, ARCHIVE_LANES] {
+            self.each_chunk((head, ")"), 1, &ids, |q, id| q.bind(*id))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn delete_children(&mut self, keys: &[i64]) -> Result<(), StoreError> {
@@ -288,3 +265,22 @@ impl SchemaTx for SqliteTx {
 }
 
 sql::tx_common!(SqliteTx);
+
+#[cfg(test)]
+mod tests {
+    use super::{chunks, MAX_ROWS};
+
+    /// Any number of rows is written by statements of at most eight shapes.
+    #[test]
+    fn chunks_take_few_shapes_and_every_row_once() {
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 0..1000 {
+            let rows: Vec<usize> = (0..n).collect();
+            let lens: Vec<usize> = chunks(&rows).map(<[usize]>::len).collect();
+            assert_eq!(lens.iter().sum::<usize>(), n);
+            assert!(lens.iter().all(|&l| l <= MAX_ROWS && l.is_power_of_two()));
+            shapes.extend(lens);
+        }
+        assert_eq!(shapes.len(), 8, "{shapes:?}");
+    }
+}
