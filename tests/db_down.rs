@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,7 +42,24 @@ fn command(
     cwd: &std::path::Path,
     args: &[&str],
 ) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_klarify-sync"));
+    command_of(
+        Path::new(env!("CARGO_BIN_EXE_klarify-sync")),
+        fake,
+        database_url,
+        cwd,
+        args,
+    )
+}
+
+/// [`command`] of the binary at `program`.
+fn command_of(
+    program: &Path,
+    fake: &FakeKlarify,
+    database_url: &str,
+    cwd: &std::path::Path,
+    args: &[&str],
+) -> Command {
+    let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url())
         .env("KLARIFY_ACCESS_KEY", KEY)
@@ -456,7 +474,20 @@ async fn a_read_only_sqlite_file_gets_a_clear_message() {
         ..Churn::default()
     });
     let user = unprivileged();
-    let as_user = |mut cmd: Command| {
+    // The build may sit where `nobody` cannot reach it (a root checkout under /root, 0700): it
+    // runs a copy in a directory of its own.
+    let copy = tempfile::tempdir().unwrap();
+    let program = match user {
+        Some(_) => {
+            let program = copy.path().join("klarify-sync");
+            std::fs::copy(env!("CARGO_BIN_EXE_klarify-sync"), &program).unwrap();
+            set_permissions(copy.path(), Permissions::from_mode(0o755)).unwrap();
+            program
+        }
+        None => Path::new(env!("CARGO_BIN_EXE_klarify-sync")).to_owned(),
+    };
+    let as_user = |url: &str| {
+        let mut cmd = command_of(&program, &fake, url, dir.path(), &["--once"]);
         if let Some((uid, gid)) = user {
             cmd.uid(uid).gid(gid);
         }
@@ -485,12 +516,12 @@ async fn a_read_only_sqlite_file_gets_a_clear_message() {
     if let Some((uid, gid)) = user {
         chown(dir.path(), Some(uid), Some(gid)).unwrap();
     }
-    let out = run(as_user(command(&fake, &url, dir.path(), &["--once"]))).await;
+    let out = run(as_user(&url)).await;
     outs.push(("read-only file", out));
 
     // ... and in a read-only directory.
     set_permissions(dir.path(), Permissions::from_mode(0o555)).unwrap();
-    let out = run(as_user(command(&fake, &url, dir.path(), &["--once"]))).await;
+    let out = run(as_user(&url)).await;
     set_permissions(dir.path(), Permissions::from_mode(0o755)).unwrap();
     outs.push(("read-only file and directory", out));
     for (what, out) in &outs {
