@@ -139,7 +139,13 @@ async fn write_procedures(
     now: OffsetDateTime,
 ) -> Result<WriteStats, StoreError> {
     let stored = timed("existing", tx.existing(ids)).await?;
-    let plan = Plan::new(items, &stored, tx.next_key().await?);
+    // Only new procedures take keys; a batch of stored ones asks for none.
+    let next_key = if items.iter().any(|p| !stored.contains_key(&p.id)) {
+        tx.next_key().await?
+    } else {
+        0
+    };
+    let plan = Plan::new(items, &stored, next_key);
     if plan.rows.is_empty() {
         return Ok(plan.stats);
     }
