@@ -45,6 +45,9 @@ pub(crate) trait Backend {
     const NAME: &'static str;
     /// Procedures per statement within a batch's transaction.
     const BATCH_ITEMS: usize;
+    /// Whether writing with every index in place costs so little more than with a bulk load's
+    /// indexes deferred that a load Klarify keeps waiting builds them early (sync/pacing.rs).
+    const INDEXES_KEPT_CHEAPLY: bool;
 
     fn migrator(&self) -> &'static sqlx::migrate::Migrator;
     async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError>;
@@ -199,6 +202,14 @@ impl Store {
         match self.db {
             Db::Sqlite(_) => SqliteBackend::NAME,
             Db::Postgres(_) => PgBackend::NAME,
+        }
+    }
+
+    /// [`Backend::INDEXES_KEPT_CHEAPLY`].
+    pub fn indexes_kept_cheaply(&self) -> bool {
+        match self.db {
+            Db::Sqlite(_) => SqliteBackend::INDEXES_KEPT_CHEAPLY,
+            Db::Postgres(_) => PgBackend::INDEXES_KEPT_CHEAPLY,
         }
     }
 

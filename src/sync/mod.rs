@@ -6,6 +6,7 @@
 //! and the tests all call the same thing; the scheduler only decides when.
 
 mod cursor;
+mod pacing;
 mod read;
 mod tie;
 
@@ -22,6 +23,7 @@ use crate::store::{
     WriteStats,
 };
 use cursor::Frontier;
+use pacing::EarlyBuild;
 use read::{Event, Reader};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +92,11 @@ pub struct PassReport {
     pub watermark_before: Option<OffsetDateTime>,
     pub watermark_after: Option<OffsetDateTime>,
     pub duration: Duration,
-    /// Into an empty mirror, whose indexes were built once at the end.
+    /// Into an empty mirror, whose indexes were built once, at the end.
     pub bulk_load: bool,
+    /// A bulk load that Klarify kept waiting, which built its indexes as soon as that showed,
+    /// while its readers waited (pacing.rs), rather than at its end.
+    pub early_index_build: bool,
     /// Tie groups not proven read completely when the pass ended, earlier passes' included.
     pub unproven_groups: u64,
     /// Live procedures dated after the pass's start plus `sync.max_future_skew`.
@@ -169,7 +174,7 @@ async fn locked_pass(
     store.restore_deferred().await?;
     let bulk = store.defer_for_bulk_load().await?;
     if bulk {
-        tracing::info!("the mirror is empty: its indexes are built once, when this pass ends");
+        tracing::info!("the mirror is empty: its indexes are built once, when this pass ends (sooner when Klarify is the slower side)");
     }
     let watermark = store.watermark().await?;
     let unproven: Vec<OffsetDateTime> = store
@@ -210,6 +215,9 @@ async fn locked_pass(
         frontier: Frontier::new(&[start]),
         pending: Pending::default(),
         writing: None,
+        early_build: (bulk && store.indexes_kept_cheaply()).then(EarlyBuild::default),
+        flushed_at: Instant::now(),
+        early_index_build: false,
     };
     let outcome = pass.run(&reader, start, &unproven).await;
     // Also after a failure: BI users query what was committed, and the next pass is no bulk load.
@@ -274,6 +282,7 @@ async fn locked_pass(
         watermark_after: record.watermark_after,
         duration: started.elapsed(),
         bulk_load: bulk,
+        early_index_build: pass.early_index_build,
         unproven_groups: doubts.unproven_groups,
         future_dated: doubts.future_dated,
     })
@@ -316,10 +325,16 @@ struct Pass<'a> {
     pending: Pending,
     /// The write of earlier items, running while more are received.
     writing: Option<Writing>,
+    /// While a bulk load's indexes are deferred: whether to build them before the next batch.
+    early_build: Option<EarlyBuild>,
+    /// When the last batch was handed to the writer.
+    flushed_at: Instant,
+    early_index_build: bool,
 }
 
-/// A batch being written: what it did, and the watermark it committed.
-type Writing = tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>), StoreError>>;
+/// A batch being written: what it did, the watermark it committed, and how long it took.
+type Writing =
+    tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>, Duration), StoreError>>;
 
 /// How many items gather before they are committed together. A batch touches the same B-tree
 /// pages (random ids) for all its items, so bigger batches write fewer pages per item: 3,000
@@ -378,7 +393,7 @@ impl Pass<'_> {
         }
         .await;
         let flushed = self.flush().await;
-        let settled = self.settle().await;
+        let settled = self.settle().await.map(|_| ());
         walked.and(flushed).and(settled)
     }
 
@@ -423,7 +438,8 @@ impl Pass<'_> {
     /// still lies before. The write runs while more is received; writes never overlap, so they
     /// commit in order.
     async fn flush(&mut self) -> Result<(), SyncError> {
-        self.settle().await?;
+        let received = self.flushed_at.elapsed();
+        let written = self.settle().await?;
         let pending = std::mem::take(&mut self.pending);
         // Past the ceiling, only items dated in the future were read: the watermark stops at
         // the newest item that is not, whatever clock the source's later edits are dated by.
@@ -441,8 +457,22 @@ impl Pass<'_> {
         if pending.is_empty() && forward.is_none() {
             return Ok(());
         }
+        let build_first = match (&mut self.early_build, written) {
+            (Some(pacing), Some(write)) => pacing.observe(write, received),
+            _ => false,
+        };
+        if build_first {
+            tracing::info!("Klarify is slower than the database: the bulk load builds its indexes now, while the readers wait");
+            self.early_build = None;
+            self.early_index_build = true;
+        }
+        self.flushed_at = Instant::now();
         let (store, run, track_seen) = (self.store.clone(), self.run, self.track_seen);
         self.writing = Some(tokio::spawn(async move {
+            if build_first {
+                store.restore_deferred().await?;
+            }
+            let started = Instant::now();
             let page = PageWrite {
                 run,
                 items: &pending.items,
@@ -453,24 +483,26 @@ impl Pass<'_> {
                 proven: &pending.proven,
             };
             // The buffered bytes are released when the batch is done with.
-            store.write_page(&page).await.map(|stats| (stats, forward))
+            let stats = store.write_page(&page).await?;
+            Ok((stats, forward, started.elapsed()))
         }));
         Ok(())
     }
 
-    /// Waits for the write in flight, if any, and takes note of what it committed.
-    async fn settle(&mut self) -> Result<(), SyncError> {
+    /// Waits for the write in flight, if any, and takes note of what it committed. Returns how
+    /// long that write took.
+    async fn settle(&mut self) -> Result<Option<Duration>, SyncError> {
         let Some(writing) = self.writing.take() else {
-            return Ok(());
+            return Ok(None);
         };
-        let (stats, forward) = writing
+        let (stats, forward, took) = writing
             .await
             .map_err(|e| SyncError::WriteAborted(e.to_string()))??;
         self.stats += stats;
         if forward.is_some() {
             self.stored = forward;
         }
-        Ok(())
+        Ok(Some(took))
     }
 }
 
@@ -490,6 +522,7 @@ impl PassReport {
             rejected = self.rejected,
             watermark = self.watermark_after.map(crate::klarify::format_instant),
             bulk_load = self.bulk_load,
+            early_index_build = self.early_index_build,
             "sync pass succeeded"
         );
     }

@@ -179,7 +179,16 @@ impl<'a> Reader<'a> {
                 } else {
                     None
                 };
-                match self.read_range(range, start, end, first, &events).await {
+                let started = std::time::Instant::now();
+                let result = self.read_range(range, start, end, first, &events).await;
+                // How evenly the ranges split the reading (docs/performance.md).
+                tracing::debug!(
+                    range,
+                    ok = result.is_ok(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "range read"
+                );
+                match result {
                     Ok(ended) if range == last => *last_end.lock().expect("not poisoned") = ended,
                     Ok(_) => {}
                     Err(e) => {

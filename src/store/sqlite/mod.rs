@@ -109,6 +109,10 @@ impl Backend for SqliteBackend {
     // The whole batch in each table's statements: with a small page cache, one table at a time
     // for all of it keeps that table's pages hot (docs/performance.md).
     const BATCH_ITEMS: usize = usize::MAX;
+    // The indexes keyed by names and ids outgrow the page cache: kept row by row from early in
+    // a 100k load, they cost four times the system time, and the writer becomes the bound even
+    // at 50 ms a request; built when 85% was read, no faster than at the end (docs/performance.md).
+    const INDEXES_KEPT_CHEAPLY: bool = false;
 
     sql::backend_common!();
 
