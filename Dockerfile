@@ -15,17 +15,23 @@ WORKDIR /build
 # Only what the build reads (.dockerignore keeps the rest out): the manifests, the stand-in
 # that Cargo.toml's [patch] names, the sources, the migrations (embedded by sqlx::migrate!;
 # build.rs rebuilds when they change) and config/default.toml (embedded by include_str!).
+# klarify-fake's sources are built in: the image's `--demo` serves its sample organisation. Of
+# the bench, a workspace member the image does not ship, only the manifest: Cargo reads every
+# member's to load the workspace, and builds nothing of it here.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY patches ./patches
 COPY migrations ./migrations
 COPY config ./config
 COPY src ./src
+COPY klarify-fake/Cargo.toml ./klarify-fake/
+COPY klarify-fake/src ./klarify-fake/src
+COPY bench/Cargo.toml ./bench/
 # The crate registry and the target directory live in build caches, so a source change rebuilds
-# only this crate and a Cargo.lock change only the crates that changed. The binary is copied
-# out of the cache mount (which is not part of the layer).
+# only the crates it touched and a Cargo.lock change only the crates that changed. The binary is
+# copied out of the cache mount (which is not part of the layer).
 RUN --mount=type=cache,id=klarify-sync-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=klarify-sync-target,target=/build/target,sharing=locked \
-    cargo build --release --locked --bin klarify-sync \
+    cargo build --release --locked -p klarify-sync --bin klarify-sync \
     && install -D -m 0755 target/release/klarify-sync /out/klarify-sync \
     && strip --strip-debug /out/klarify-sync
 

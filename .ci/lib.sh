@@ -52,7 +52,7 @@ build_image() { # IMAGE
 fake_klarify_binary() {
     local fake=${FAKE_KLARIFY:-}
     if [ -z "$fake" ]; then
-        run cargo build --locked --bin fake-klarify >&2
+        run cargo build --locked -p klarify-fake --bin fake-klarify >&2
         fake=$(cargo metadata --format-version 1 --no-deps |
             python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/fake-klarify
     fi

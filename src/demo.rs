@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 use crate::store::redact_url;
+use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 
 /// Every 10 seconds, so edits made by the demo's churn show up quickly.
 pub const CRON: &str = "*/10 * * * * *";

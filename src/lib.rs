@@ -2,13 +2,14 @@
 //!
 //! `main` only wires these together: [`config`] is read and validated, a [`store::Store`] and a
 //! [`klarify::KlarifyClient`] are opened, and [`sync::run_pass`] runs once or under the
-//! [`daemon`]. [`fake`] is a faithful stand-in for the Klarify API, shared by the tests,
-//! the benchmarks and `--demo`.
+//! [`daemon`]. `demo` (the default feature of that name) serves `--demo` its sample
+//! organisation through the `klarify-fake` crate, the stand-in for the Klarify API that the
+//! tests and the bench use too.
 
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod fake;
 pub mod graph;
 pub mod http;
 pub mod klarify;

@@ -10,12 +10,15 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use klarify_sync::config::Settings;
 use klarify_sync::daemon::{panic_message, Daemon, SyncPass};
+#[cfg(feature = "demo")]
+use klarify_sync::demo;
 use klarify_sync::http::HttpLimits;
 use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::progress_bar::Bar;
 use klarify_sync::store::Store;
 use klarify_sync::sync::{run_pass_observed, Mode, Progress, SyncOptions};
-use klarify_sync::{demo, graph, schedule, telemetry};
+use klarify_sync::{graph, schedule, telemetry};
+#[cfg(feature = "demo")]
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +36,10 @@ struct Cli {
     backfill: bool,
     /// Mirror a built-in sample organisation (served in-process, no key, no network) into
     /// klarify-demo.db and keep syncing it.
+    // Without the `demo` feature the flag stays, unlisted, so that asking for it says why it
+    // cannot run instead of calling it an unknown argument.
     #[arg(long)]
+    #[cfg_attr(not(feature = "demo"), arg(hide = true))]
     demo: bool,
     /// An extra TOML file layered over the defaults (the environment still wins).
     #[arg(long, value_name = "FILE", env = "KLARIFY_SYNC_CONFIG")]
@@ -152,9 +158,16 @@ async fn async_main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    #[cfg(not(feature = "demo"))]
+    anyhow::ensure!(
+        !cli.demo,
+        "--demo: this klarify-sync was built without its default feature `demo`"
+    );
     let env = std::env::vars().collect();
+    #[cfg_attr(not(feature = "demo"), allow(unused_mut))] // only the demo changes them
     let mut settings = Settings::load(cli.config.as_deref(), &env)?;
     // The demo's source exists only once we start it; its address and key replace the real ones.
+    #[cfg(feature = "demo")]
     let demo_source = if cli.demo {
         let source = demo::start().await?;
         settings.klarify.base_url = source.base_url().parse()?;
@@ -220,6 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .bind(settings.http.listen)
     .await?;
+    #[cfg(feature = "demo")]
     if let Some(source) = &demo_source {
         demo::banner(source, database_url.expose_secret(), daemon.local_addr());
     }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Backend, Env};
-use klarify_sync::fake::{FakeOptions, Organisation};
+use klarify_fake::{FakeOptions, Organisation};
 use klarify_sync::store::{PageWrite, Store};
 use klarify_sync::sync::{run_pass, Mode};
 use secrecy::{ExposeSecret, SecretString};

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{assert_same, run_binary, source_of, Output};
-use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
+use klarify_fake::{FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{assert_same, source_of};
-use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 use klarify_sync::store::Store;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};

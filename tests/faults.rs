@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{assert_same, Backend, Env};
-use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Fault, Organisation};
+use klarify_fake::{Churn, FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::{
     format_instant, parse_item, ClientSettings, KlarifyClient, KlarifyError, PageQuery, Procedure,
 };

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::{run_binary, Backend, Env, Output, HOSTILE_NAME};
-use klarify_sync::fake::Organisation;
+use klarify_fake::Organisation;
 use klarify_sync::sync::Mode;
 use secrecy::{ExposeSecret, SecretString};
 

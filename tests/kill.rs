@@ -16,7 +16,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_same, assert_watermark_not_ahead, long_tests, seed, source_of, Backend};
-use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 use klarify_sync::klarify::format_instant;
 use klarify_sync::store::Store;
 use rand::rngs::StdRng;

@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use klarify_sync::fake::{FakeKlarify, FakeOptions, Organisation};
+use klarify_fake::{FakeKlarify, FakeOptions, Organisation};
 use serde_json::json;
 
 /// 300 MB of items in all: far more than the bound, so a pass that holds what it reads for

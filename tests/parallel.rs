@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_watermark_not_ahead, Backend, Env};
-use klarify_sync::fake::{Churn, Organisation};
+use klarify_fake::{Churn, Organisation};
 use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::sync::Mode;
 

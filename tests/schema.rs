@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use common::{tools, Backend, Env};
-use klarify_sync::fake::{Churn, Organisation};
+use klarify_fake::{Churn, Organisation};
 use klarify_sync::store::Store;
 use klarify_sync::sync::Mode;
 use secrecy::{ExposeSecret, SecretString};

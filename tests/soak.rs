@@ -22,7 +22,7 @@ use common::{
     assert_same, assert_source_contained, assert_watermark_not_ahead, long_tests, seed, Backend,
     Env,
 };
-use klarify_sync::fake::{Churn, FakeOptions, Fault, Organisation};
+use klarify_fake::{Churn, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::{KlarifyClient, KlarifyError};
 use klarify_sync::sync::{Mode, SyncError};
 use rand::rngs::StdRng;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Backend, Env};
-use klarify_sync::fake::Organisation;
+use klarify_fake::Organisation;
 use klarify_sync::store::PageWrite;
 use secrecy::ExposeSecret;
 

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Backend, Env, HOSTILE_NAME};
+use klarify_fake::Organisation;
 use klarify_sync::daemon::{Daemon, SyncPass};
-use klarify_sync::fake::Organisation;
 use klarify_sync::http::{router, serve, HttpLimits, PageSettings, Readiness};
 use klarify_sync::klarify::{format_instant, KlarifyClient};
 use klarify_sync::store::{RunOutcome, RunRecord, WriteStats};

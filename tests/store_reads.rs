@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Backend, Env};
-use klarify_sync::fake::Organisation;
+use klarify_fake::Organisation;
 use klarify_sync::sync::Mode;
 use secrecy::ExposeSecret;
 

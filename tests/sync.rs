@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_source_contained, Backend, Env};
-use klarify_sync::fake::{Churn, FakeOptions, Fault, Organisation};
+use klarify_fake::{Churn, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::KlarifyError;
 use klarify_sync::store::StoreError;
 use klarify_sync::sync::{Mode, SyncError};

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_source_contained, assert_watermark_not_ahead, committed, Backend, Env};
-use klarify_sync::fake::{Churn, FakeOptions, Organisation};
+use klarify_fake::{Churn, FakeOptions, Organisation};
 use klarify_sync::klarify::{format_instant, parse_instant, KlarifyClient};
 use klarify_sync::store::PageWrite;
 use klarify_sync::sync::Mode;

@@ -5,13 +5,14 @@
 #   compare.sh BASE_DIR NEW_DIR [bench args]
 #   compare.sh /work/bench/base target/release --procedures 10000,100000 --postgres "$URL"
 #
-# BASE_DIR and NEW_DIR each hold a release build's klarify-sync (`cargo build --release --bins`);
+# BASE_DIR and NEW_DIR each hold a release build's klarify-sync (`cargo build --release --bins`
+# at the workspace root builds it, fake-klarify and the bench into target/release);
 # the table labels their rows `base` and `new`. The bench and the fake both builds are measured
 # against are NEW_DIR's (BENCH=PATH for another bench). Standard output is only the table; the
 # load average before each run is its last column, and `uptime` at the start goes to stderr.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    sed -n '2,11p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
 fi
 base=$1 new=$2

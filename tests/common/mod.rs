@@ -9,7 +9,7 @@ pub mod tools;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
+use klarify_fake::{FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::{format_instant, parse_item, ClientSettings, KlarifyClient, Procedure};
 use klarify_sync::store::Store;
 use klarify_sync::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Fault, Organisation};
+use klarify_fake::{Churn, FakeKlarify, FakeOptions, Fault, Organisation};
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Stdio;
 
 use sqlx::{Connection, PgConnection};
@@ -44,16 +45,28 @@ fn table(stdout: &str) -> Vec<Row> {
         .collect()
 }
 
+/// The bench's directory, once the klarify-sync and fake-klarify it runs by default are seen
+/// there: other packages' binaries, which the workspace's `cargo test` builds beside it.
+fn build_dir() -> &'static Path {
+    let dir = Path::new(env!("CARGO_BIN_EXE_bench")).parent().unwrap();
+    for sibling in ["klarify-sync", "fake-klarify"] {
+        assert!(
+            dir.join(sibling).exists(),
+            "no {sibling} beside the bench: run the workspace's `cargo test`, or first \
+             `cargo build -p klarify-sync -p klarify-fake`"
+        );
+    }
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_sh_measures_two_builds_back_to_back_per_scenario_beside_the_oracle() {
     let admin = common::pg::fresh_database().await;
     // Both "builds" are this one: the script and the bench are under test, not klarify-sync.
-    let build = std::path::Path::new(env!("CARGO_BIN_EXE_bench"))
-        .parent()
-        .unwrap();
+    let build = build_dir();
     let bench = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/docs/experiments/compare.sh"
+        "/../docs/experiments/compare.sh"
     ))
     .args([build, build])
     .args(["--procedures", &PROCEDURES.to_string()])
@@ -141,7 +154,7 @@ async fn compare_sh_measures_two_builds_back_to_back_per_scenario_beside_the_ora
 
 #[tokio::test]
 async fn a_failing_binary_ends_the_bench_with_one_line() {
-    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+    let out = Command::new(build_dir().join("bench"))
         .args(["--procedures", "10", "--binary", "broken=/bin/false"])
         .output()
         .await

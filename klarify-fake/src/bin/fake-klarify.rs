@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use klarify_sync::fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 
 /// Serves a generated organisation through the Klarify Integration API.
 #[derive(Debug, Parser)]

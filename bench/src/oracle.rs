@@ -78,7 +78,7 @@ async fn read_page(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use klarify_sync::fake::{FakeKlarify, FakeOptions, Fault, Organisation};
+    use klarify_fake::{FakeKlarify, FakeOptions, Fault, Organisation};
 
     async fn fake(procedures: usize, latency: Duration) -> FakeKlarify {
         let options = FakeOptions {
