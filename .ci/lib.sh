@@ -48,11 +48,13 @@ build_image() { # IMAGE
 }
 
 # Prints the path of a fake-klarify binary: FAKE_KLARIFY, or the debug build (which .ci/run's
-# `cargo test` has already made).
+# `cargo test` has already made). `--workspace --examples` (there are no examples) resolves the
+# dependencies' features as `cargo test` does, so that build is reused; `-p klarify-fake` alone
+# would compile the fake's dependencies again with its own features (about 2 minutes).
 fake_klarify_binary() {
     local fake=${FAKE_KLARIFY:-}
     if [ -z "$fake" ]; then
-        run cargo build --locked -p klarify-fake --bin fake-klarify >&2
+        run cargo build --locked --workspace --bin fake-klarify --examples >&2
         fake=$(cargo metadata --format-version 1 --no-deps |
             python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/fake-klarify
     fi
