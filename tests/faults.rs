@@ -519,7 +519,7 @@ async fn a_total_count_near_u64_max_neither_panics_nor_loses_items(backend: Back
 }
 
 /// Page numbers are how a tie group's end is found: a server that serves page 0 whatever is
-/// asked for never shows it, and probing for it went on for ever.
+/// asked for never shows it, and unbounded probing for it would go on for ever.
 async fn a_server_ignoring_page_leaves_a_tie_group_unproven_in_bounded_time(backend: Backend) {
     let org = Organisation::generate_grouped(57, 100, &[60]);
     let mut env = Env::new(backend, org, 25).await;
