@@ -4,98 +4,50 @@
 mod common;
 
 use std::os::fd::FromRawFd;
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_same, run_binary, source_of, Output};
-use klarify_fake::{FakeKlarify, FakeOptions, Fault, Organisation};
-use klarify_sync::store::Store;
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-const KEY: &str = "sekrit-key-4711";
-/// A database password: no output of any test may show it either.
-const DB_PASSWORD: &str = "db-pw-5150";
-
-async fn fake(n: usize) -> FakeKlarify {
-    let opts = FakeOptions {
-        access_key: KEY.into(),
-        ..FakeOptions::default()
-    };
-    FakeKlarify::start(Organisation::generate(21, n), opts)
-        .await
-        .unwrap()
-}
+use common::binary::{self, fake, Daemon, Vars, ACCESS_KEY, DB_PASSWORD};
+use common::{assert_same, source_of};
+use klarify_fake::{FakeKlarify, Fault};
 
 /// The binary with a clean environment pointing at `fake` and a SQLite file in `dir`.
-fn env_for(fake: &FakeKlarify, dir: &tempfile::TempDir) -> Vec<(String, String)> {
-    [
-        ("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url()),
-        ("KLARIFY_ACCESS_KEY", KEY.to_owned()),
-        (
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("m.db").display()),
-        ),
-        ("KLARIFY_SYNC__KLARIFY__RETRY_BASE_DELAY_MS", "1".to_owned()),
-        (
-            "KLARIFY_SYNC__KLARIFY__RETRY_MAX_DELAY_SECS",
-            "0".to_owned(),
-        ),
-        ("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
-        ("RUST_LOG", "trace".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
-
-/// Runs the binary to completion off the async runtime, so the fake keeps serving.
-async fn run(env: Vec<(String, String)>, args: &[&str]) -> Output {
-    let output = run_binary(env, args).await;
-    for secret in [KEY, DB_PASSWORD] {
-        assert!(
-            !output.stdout.contains(secret) && !output.stderr.contains(secret),
-            "{secret} was printed:\n{}\n{}",
-            output.stdout,
-            output.stderr
-        );
-    }
-    output
-}
-
-fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
-    env.retain(|(k, _)| k != key);
-    env.push((key.to_owned(), value.to_owned()));
+fn env_for(fake: &FakeKlarify, dir: &tempfile::TempDir) -> Vars {
+    let mut vars = Vars::new(fake, &common::sqlite_url(dir.path()));
+    vars.set("RUST_LOG", "trace");
+    vars
 }
 
 async fn mirror(dir: &tempfile::TempDir) -> Vec<klarify_sync::klarify::Procedure> {
-    let url = format!("sqlite://{}", dir.path().join("m.db").display());
-    let store = Store::open(&url.into(), 1).await.unwrap();
-    store.live_procedures().await.unwrap()
+    common::mirror_at(&common::sqlite_url(dir.path())).await
 }
+
+/// How long a daemon may take to stop after SIGTERM.
+const STOPS_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn once_and_backfill_mirror_the_source_and_exit_zero() {
-    let fake = fake(150).await;
+    let fake = fake(21, 150, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
-    let out = run(env_for(&fake, &dir), &["--once"]).await;
+    let out = env_for(&fake, &dir).run(&["--once"]).await;
     assert!(out.ok, "{}", out.stderr);
     assert_same(&mirror(&dir).await, &source_of(&fake));
     assert!(out.stdout.contains("sync pass succeeded"), "{}", out.stdout);
 
     let victim = source_of(&fake)[0].id.clone();
     fake.delete(&victim);
-    let out = run(env_for(&fake, &dir), &["--backfill"]).await;
+    let out = env_for(&fake, &dir).run(&["--backfill"]).await;
     assert!(out.ok, "{}", out.stderr);
     assert_same(&mirror(&dir).await, &source_of(&fake));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rejected_key_is_one_line_and_one_request() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = env_for(&fake, &dir);
-    set(&mut env, "KLARIFY_ACCESS_KEY", "wrong-but-also-secret");
-    let out = run(env, &["--once"]).await;
+    env.set("KLARIFY_ACCESS_KEY", "wrong-but-also-secret");
+    let out = env.run(&["--once"]).await;
     assert!(!out.ok);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(
@@ -113,7 +65,7 @@ async fn a_rejected_key_is_one_line_and_one_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_configuration_ends_before_any_request() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, Option<&str>, &str)] = &[
         ("KLARIFY_ACCESS_KEY", None, "klarify.access_key"),
@@ -137,11 +89,11 @@ async fn invalid_configuration_ends_before_any_request() {
     for (key, value, expected) in cases {
         let mut env = env_for(&fake, &dir);
         match value {
-            Some(v) => set(&mut env, key, v),
-            None => env.retain(|(k, _)| k != key),
-        }
+            Some(v) => env.set(key, v),
+            None => env.remove(key),
+        };
         for mode in [&["--once"][..], &[]] {
-            let out = run(env.clone(), mode).await;
+            let out = env.run(mode).await;
             assert!(!out.ok, "{key}: accepted");
             assert_eq!(out.stderr.lines().count(), 1, "{key}: {}", out.stderr);
             assert!(out.stderr.contains(expected), "{key}: {}", out.stderr);
@@ -152,15 +104,14 @@ async fn invalid_configuration_ends_before_any_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_database_is_one_line_without_its_password() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = env_for(&fake, &dir);
-    set(
-        &mut env,
+    env.set(
         "DATABASE_URL",
         "postgres://mirror:hunter2-pw@127.0.0.1:1/mirror",
     );
-    let out = run(env, &["--once"]).await;
+    let out = env.run(&["--once"]).await;
     assert!(!out.ok);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(
@@ -174,7 +125,7 @@ async fn an_unreachable_database_is_one_line_without_its_password() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_failures_after_retries_are_one_line_and_keep_the_key_secret() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     fake.inject(
         Fault::Status {
@@ -183,109 +134,19 @@ async fn api_failures_after_retries_are_one_line_and_keep_the_key_secret() {
         },
         100,
     );
-    let out = run(env_for(&fake, &dir), &["--once"]).await;
+    let out = env_for(&fake, &dir).run(&["--once"]).await;
     assert!(!out.ok);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(out.stderr.contains("HTTP 500 6 time(s)"), "{}", out.stderr);
     assert_eq!(fake.requests(), 6, "bounded attempts");
 }
 
-/// A running daemon (or demo) and its stdout, line by line.
-struct Daemon {
-    child: tokio::process::Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Daemon {
-    fn spawn(env: Vec<(String, String)>, args: &[&str], dir: &tempfile::TempDir) -> Self {
-        Self::start(Self::command(env, args, dir))
-    }
-
-    fn command(
-        env: Vec<(String, String)>,
-        args: &[&str],
-        dir: &tempfile::TempDir,
-    ) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"));
-        command
-            .env_clear()
-            .envs(env)
-            .env("KLARIFY_SYNC__LOG__FORMAT", "json")
-            .current_dir(dir.path())
-            .args(args)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
-        command
-    }
-
-    fn start(mut command: tokio::process::Command) -> Self {
-        let mut child = command.spawn().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
-    }
-
-    /// Waits until the HTTP endpoints are served; returns their address.
-    async fn serving(&mut self) -> String {
-        let line = self
-            .wait_for("serving /healthz, /readyz and /metrics")
-            .await;
-        line["addr"].as_str().unwrap().to_owned()
-    }
-
-    /// Reads log lines until one has `message`; returns it as JSON.
-    async fn wait_for(&mut self, message: &str) -> serde_json::Value {
-        let read = async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
-                assert_no_secret_in(&line);
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == message {
-                        return v;
-                    }
-                }
-            }
-            panic!("the process ended before logging {message:?}");
-        };
-        tokio::time::timeout(Duration::from_secs(30), read)
-            .await
-            .expect("timed out waiting for a log line")
-    }
-
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().unwrap() as i32;
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let drain = async {
-            while let Ok(Some(line)) = self.lines.next_line().await {
-                assert_no_secret_in(&line);
-            }
-        };
-        let (status, ()) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(self.child.wait(), drain)
-        })
-        .await
-        .expect("the daemon did not stop within 10s of SIGTERM");
-        status.unwrap()
-    }
-}
-
-fn assert_no_secret_in(line: &str) {
-    assert!(
-        !line.contains(KEY) && !line.contains(DB_PASSWORD),
-        "a secret was logged: {line}"
-    );
-}
-
-async fn get(addr: &str, path: &str) -> (u16, String) {
-    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
-    let fake = fake(120).await;
+    let fake = fake(21, 120, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn(env_for(&fake, &dir), &[], &dir);
-    let addr = daemon.serving().await;
+    let command = env_for(&fake, &dir).command(dir.path(), &[]);
+    let mut daemon = Daemon::start(command, "the daemon").await;
     let scheduled = daemon.wait_for("scheduled").await;
     assert_eq!(scheduled["cron"], "0 */5 * * * *");
     assert!(
@@ -296,10 +157,10 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     );
     daemon.wait_for("sync pass succeeded").await;
 
-    assert_eq!(get(&addr, "/healthz").await.0, 200);
-    let (status, body) = get(&addr, "/readyz").await;
+    assert_eq!(daemon.get("/healthz").await.0, 200);
+    let (status, body) = daemon.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
-    let (status, metrics) = get(&addr, "/metrics").await;
+    let (status, metrics) = daemon.get("/metrics").await;
     assert_eq!(status, 200);
     assert!(
         metrics.contains(r#"klarify_sync_passes_total{mode="incremental",outcome="succeeded"} 1"#),
@@ -315,7 +176,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         );
         assert!(metrics.contains(&count), "no {count}in {metrics}");
     }
-    assert!(!metrics.contains(KEY));
+    assert!(!metrics.contains(ACCESS_KEY));
     // .ci/run checks the exposition format with `promtool check metrics`.
     std::fs::write(
         concat!(env!("CARGO_TARGET_TMPDIR"), "/metrics.prom"),
@@ -324,57 +185,45 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
     .unwrap();
     assert_same(&mirror(&dir).await, &source_of(&fake));
 
-    assert!(
-        daemon.terminate().await.success(),
-        "exit code 0 after SIGTERM"
-    );
+    daemon.terminate(STOPS_WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_reports_a_rejected_key_in_readyz_and_keeps_running() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = env_for(&fake, &dir);
-    set(&mut env, "KLARIFY_ACCESS_KEY", "not-the-key");
-    let mut daemon = Daemon::spawn(env, &[], &dir);
-    let addr = daemon.serving().await;
+    env.set("KLARIFY_ACCESS_KEY", "not-the-key");
+    let command = env.command(dir.path(), &[]);
+    let mut daemon = Daemon::start(command, "a daemon with a rejected key").await;
     daemon.wait_for("sync pass failed").await;
-    let (status, body) = get(&addr, "/readyz").await;
+    let (status, body) = daemon.get("/readyz").await;
     assert_eq!(status, 503);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["reason"], "key_rejected", "{body}");
     assert!(!body.to_string().contains("not-the-key"));
-    assert_eq!(get(&addr, "/healthz").await.0, 200, "alive, just not ready");
-    assert!(daemon.terminate().await.success());
+    assert_eq!(daemon.get("/healthz").await.0, 200, "alive, just not ready");
+    daemon.terminate(STOPS_WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_runs_without_a_key_or_network() {
     let dir = tempfile::tempdir().unwrap();
-    let env = vec![
-        (
-            "DATABASE_URL".to_owned(),
-            format!("sqlite://{}", dir.path().join("m.db").display()),
-        ),
-        (
-            "KLARIFY_SYNC__HTTP__LISTEN".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ),
-    ];
-    let mut demo = Daemon::spawn(env, &["--demo"], &dir);
-    let addr = demo.serving().await;
+    let mut env = Vars::with_database(&common::sqlite_url(dir.path()));
+    env.set("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0");
+    let mut demo = Daemon::start(env.command(dir.path(), &["--demo"]), "the demo").await;
     demo.wait_for("sync pass succeeded").await;
-    assert_eq!(get(&addr, "/readyz").await.0, 200);
+    assert_eq!(demo.get("/readyz").await.0, 200);
     assert!(mirror(&dir).await.len() >= 250);
-    assert!(demo.terminate().await.success());
+    demo.terminate(STOPS_WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_the_watermark_counts_and_passes() {
-    let fake = fake(40).await;
+    let fake = fake(21, 40, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
-    assert!(run(env_for(&fake, &dir), &["--backfill"]).await.ok);
-    let out = run(env_for(&fake, &dir), &["status", "--json"]).await;
+    assert!(env_for(&fake, &dir).run(&["--backfill"]).await.ok);
+    let out = env_for(&fake, &dir).run(&["status", "--json"]).await;
     assert!(out.ok, "{}", out.stderr);
     let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(status["live_procedures"], 40);
@@ -387,7 +236,7 @@ async fn status_reports_the_watermark_counts_and_passes() {
         klarify_sync::klarify::format_instant(newest)
     );
 
-    let out = run(env_for(&fake, &dir), &["status"]).await;
+    let out = env_for(&fake, &dir).run(&["status"]).await;
     assert!(out.stdout.contains("40 live, 0 deleted"), "{}", out.stdout);
     assert!(out.stdout.contains("backfill succeeded"), "{}", out.stdout);
 }
@@ -396,19 +245,18 @@ on_both_backends!(status_without_a_mirror_is_one_line_and_creates_nothing);
 
 async fn status_without_a_mirror_is_one_line_and_creates_nothing(backend: common::Backend) {
     for args in [&["status"][..], &["status", "--json"]] {
-        common::assert_refused_without_a_mirror(backend, args).await;
+        binary::assert_refused_without_a_mirror(backend, args).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_shows_progress_only_on_a_terminal() {
-    let fake = fake(300).await;
-    fake.set_latency(Duration::from_millis(150));
+    let fake = fake(21, 300, Duration::from_millis(150)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = env_for(&fake, &dir);
-    set(&mut env, "KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "50");
-    set(&mut env, "RUST_LOG", "warn");
-    let piped = run(env.clone(), &["--backfill"]).await;
+    env.set("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "50");
+    env.set("RUST_LOG", "warn");
+    let piped = env.run(&["--backfill"]).await;
     assert!(
         piped.ok && !piped.stdout.contains("procedures") && piped.stderr.is_empty(),
         "{}{}",
@@ -417,31 +265,24 @@ async fn a_backfill_shows_progress_only_on_a_terminal() {
     );
 
     // `script` gives the binary a pseudo-terminal, as a person's shell would.
-    let command = format!("{} --backfill", env!("CARGO_BIN_EXE_klarify-sync"));
-    let terminal = run_in_terminal(env, &command).await;
+    let command = format!("{} --backfill", binary::PROGRAM);
+    let terminal = run_in_terminal(&env, &command).await;
     assert!(terminal.contains("/300 procedures"), "{terminal}");
 }
 
-async fn run_in_terminal(env: Vec<(String, String)>, command: &str) -> String {
-    let out = tokio::process::Command::new("script")
-        .args(["-qec", command, "/dev/null"])
-        .env_clear()
-        .envs(env)
-        .env("TERM", "xterm")
-        .output()
-        .await
-        .expect("`script` (util-linux) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+async fn run_in_terminal(env: &Vars, command: &str) -> String {
+    let cwd = tempfile::tempdir().unwrap();
+    let args = ["-qec", command, "/dev/null"];
+    let mut script = env.command_of(Path::new("script"), cwd.path(), &args);
+    script.env("TERM", "xterm");
+    let out = binary::run(script).await;
+    assert!(out.ok, "`script` (util-linux) runs: {}", out.stderr);
+    out.stdout
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
-    let fake = fake(60).await;
+    let fake = fake(21, 60, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     fake.inject(
         Fault::Status {
@@ -451,9 +292,9 @@ async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
         2,
     );
     let mut env = env_for(&fake, &dir);
-    set(&mut env, "KLARIFY_SYNC__LOG__FORMAT", "json");
-    set(&mut env, "RUST_LOG", "klarify_sync=info");
-    let out = run(env.clone(), &["--once"]).await;
+    env.set("KLARIFY_SYNC__LOG__FORMAT", "json");
+    env.set("RUST_LOG", "klarify_sync=info");
+    let out = env.run(&["--once"]).await;
     assert!(out.ok, "{}", out.stderr);
     let lines: Vec<serde_json::Value> = out
         .stdout
@@ -482,9 +323,9 @@ async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
     );
 
     // The filter comes from log.filter when RUST_LOG is unset.
-    env.retain(|(k, _)| k != "RUST_LOG");
-    set(&mut env, "KLARIFY_SYNC__LOG__FILTER", "warn");
-    let quiet = run(env, &["--once"]).await;
+    env.remove("RUST_LOG");
+    env.set("KLARIFY_SYNC__LOG__FILTER", "warn");
+    let quiet = env.run(&["--once"]).await;
     assert!(quiet.ok && quiet.stdout.is_empty(), "{}", quiet.stdout);
 }
 
@@ -494,7 +335,7 @@ async fn every_log_line_of_a_pass_carries_its_run_id_and_filters_apply() {
 /// answer shows the password.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_password_never_shows_when_the_database_fails() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     // A server that answers (a refused connection is retried for 10 s), without the database.
     let mut missing = url::Url::parse(&common::pg::fresh_database().await).unwrap();
@@ -512,35 +353,35 @@ async fn a_database_password_never_shows_when_the_database_fails() {
         with_query(&format!("password={DB_PASSWORD}")),
         with_query(&format!("pass%77ord={DB_PASSWORD}")),
         with_query(&format!("sslpassword={DB_PASSWORD}")),
-        format!(
-            "sqlite://{}?password={DB_PASSWORD}",
-            dir.path().join("m.db").display()
-        ),
+        format!("{}?password={DB_PASSWORD}", common::sqlite_url(dir.path())),
     ];
     for url in urls {
         let mut env = env_for(&fake, &dir);
-        set(&mut env, "DATABASE_URL", &url);
+        env.set("DATABASE_URL", &url);
         for args in [
             &["--once"][..],
             &["--backfill"],
             &["status"],
             &["status", "--json"],
         ] {
-            let out = run(env.clone(), args).await;
+            let out = env.run(args).await;
             assert!(!out.ok, "{url} {args:?}: {}", out.stdout);
             assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
         }
         if url.contains("sslpassword") {
             continue; // refused at start, before the daemon would serve anything
         }
-        let mut daemon = Daemon::spawn(env, &[], &dir);
-        let addr = daemon.serving().await;
+        let mut daemon = Daemon::start(
+            env.command(dir.path(), &[]),
+            "a daemon whose database fails",
+        )
+        .await;
         daemon.wait_for("cannot open the database").await;
-        let (status, body) = get(&addr, "/readyz").await;
+        let (status, body) = daemon.get("/readyz").await;
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("cannot open the database"), "{body}");
-        assert_no_secret_in(&body);
-        assert!(daemon.terminate().await.success());
+        binary::assert_no_secret_in(&body);
+        daemon.terminate(STOPS_WITHIN).await;
     }
 }
 
@@ -549,21 +390,21 @@ async fn a_database_password_never_shows_when_the_database_fails() {
 /// recorded errors in `sync_runs` never show it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_password_never_shows_when_the_database_works() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let url = common::pg::fresh_database().await;
     let separator = if url.contains('?') { '&' } else { '?' };
     let url = format!("{url}{separator}password={DB_PASSWORD}");
     let mut env = env_for(&fake, &dir);
-    set(&mut env, "DATABASE_URL", &url);
+    env.set("DATABASE_URL", &url);
     let mut wrong_key = env.clone();
-    set(&mut wrong_key, "KLARIFY_ACCESS_KEY", "not-the-key");
-    assert!(!run(wrong_key, &["--once"]).await.ok);
-    let out = run(env.clone(), &["--once"]).await;
+    wrong_key.set("KLARIFY_ACCESS_KEY", "not-the-key");
+    assert!(!wrong_key.run(&["--once"]).await.ok);
+    let out = env.run(&["--once"]).await;
     assert!(out.ok, "{}", out.stderr);
     assert!(out.stdout.contains("sync pass succeeded"), "{}", out.stdout);
     for args in [&["status"][..], &["status", "--json"]] {
-        let out = run(env.clone(), args).await;
+        let out = env.run(args).await;
         assert!(
             out.stdout.contains("rejected the access key"),
             "{}",
@@ -581,7 +422,7 @@ async fn a_database_password_never_shows_when_the_database_works() {
 /// clear text: klarify-sync goes direct, and the proxy is never contacted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plain_http_api_is_never_reached_through_a_proxy() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
@@ -596,9 +437,9 @@ async fn a_plain_http_api_is_never_reached_through_a_proxy() {
     });
     let mut env = env_for(&fake, &dir);
     for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
-        set(&mut env, var, &proxy_url);
+        env.set(var, &proxy_url);
     }
-    let out = run(env, &["--once"]).await;
+    let out = env.run(&["--once"]).await;
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(contacted.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_same(&mirror(&dir).await, &source_of(&fake));
@@ -608,7 +449,7 @@ async fn a_plain_http_api_is_never_reached_through_a_proxy() {
 /// but do not change the command line.
 #[tokio::test(flavor = "multi_thread")]
 async fn klarify_sync_config_names_the_config_file() {
-    let fake = fake(10).await;
+    let fake = fake(21, 10, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("klarify-sync.toml");
     std::fs::write(
@@ -617,9 +458,9 @@ async fn klarify_sync_config_names_the_config_file() {
     )
     .unwrap();
     let mut env = env_for(&fake, &dir);
-    env.retain(|(k, _)| k != "KLARIFY_SYNC__KLARIFY__BASE_URL");
-    set(&mut env, "KLARIFY_SYNC_CONFIG", file.to_str().unwrap());
-    let out = run(env, &["--once"]).await;
+    env.remove("KLARIFY_SYNC__KLARIFY__BASE_URL");
+    env.set("KLARIFY_SYNC_CONFIG", file.to_str().unwrap());
+    let out = env.run(&["--once"]).await;
     assert!(out.ok, "{}", out.stderr);
     assert_same(&mirror(&dir).await, &source_of(&fake));
 }
@@ -628,10 +469,10 @@ async fn klarify_sync_config_names_the_config_file() {
 async fn a_panic_is_one_line_and_exit_code_1() {
     // `status` writing to a pipe nobody reads any more (`klarify-sync status | true`): printing
     // panics, as it does anywhere in Rust; what matters is how the binary reports a panic.
-    let fake = fake(1).await;
+    let fake = fake(21, 1, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     // `status` reads an existing mirror only.
-    assert!(run(env_for(&fake, &dir), &["--backfill"]).await.ok);
+    assert!(env_for(&fake, &dir).run(&["--backfill"]).await.ok);
     let mut fds = [0; 2];
     // SAFETY: a new pipe; its read end is closed at once, its write end handed to the child.
     let write_end = unsafe {
@@ -639,21 +480,11 @@ async fn a_panic_is_one_line_and_exit_code_1() {
         libc::close(fds[0]);
         std::os::fd::OwnedFd::from_raw_fd(fds[1])
     };
-    let env = env_for(&fake, &dir);
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"))
-            .env_clear()
-            .envs(env)
-            .env("RUST_BACKTRACE", "1")
-            .arg("status")
-            .stdout(write_end)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let mut status = env_for(&fake, &dir).command(dir.path(), &["status"]);
+    status.env("RUST_BACKTRACE", "1").stdout(write_end);
+    let out = binary::run(status).await;
+    let stderr = out.stderr;
+    assert_eq!(out.code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.starts_with("klarify-sync: ") && stderr.contains("Broken pipe"),
@@ -664,13 +495,13 @@ async fn a_panic_is_one_line_and_exit_code_1() {
 #[tokio::test(flavor = "multi_thread")]
 async fn many_idle_connections_leave_the_daemon_answering_and_syncing() {
     const MAX_FILES: u64 = 256;
-    let fake = fake(100).await;
+    let fake = fake(21, 100, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = env_for(&fake, &dir);
-    set(&mut env, "KLARIFY_SYNC__SCHEDULE__CRON", "* * * * * *");
-    // Fewer lines than at trace level: the pipe is not read while the connections are opened.
-    set(&mut env, "RUST_LOG", "info");
-    let mut command = Daemon::command(env, &[], &dir);
+    env.set("KLARIFY_SYNC__SCHEDULE__CRON", "* * * * * *");
+    // Fewer lines than at trace level.
+    env.set("RUST_LOG", "info");
+    let mut command = env.command(dir.path(), &[]);
     // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
     unsafe {
         command.pre_exec(|| {
@@ -684,8 +515,8 @@ async fn many_idle_connections_leave_the_daemon_answering_and_syncing() {
             }
         });
     }
-    let mut daemon = Daemon::start(command);
-    let addr = daemon.serving().await;
+    let mut daemon = Daemon::start(command, "a daemon out of file descriptors").await;
+    let addr = daemon.addr.clone();
     daemon.wait_for("sync pass succeeded").await;
 
     // More connections than the daemon has file descriptors, all silent.
@@ -711,5 +542,5 @@ async fn many_idle_connections_leave_the_daemon_answering_and_syncing() {
         daemon.wait_for("sync pass succeeded").await;
     }
     drop(idle);
-    assert!(daemon.terminate().await.success());
+    daemon.terminate(STOPS_WITHIN).await;
 }

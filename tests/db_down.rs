@@ -8,93 +8,30 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{assert_same, source_of};
-use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
-use klarify_sync::store::Store;
+use common::binary::{self, fake, run, Daemon, Output, Vars, ACCESS_KEY};
+use common::{assert_same, mirror_at, source_of};
+use klarify_fake::{Churn, FakeKlarify};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-const KEY: &str = "db-down-key-5150";
 const EVERY_SECOND: &str = "* * * * * *";
-const SERVING: &str = "serving /healthz, /readyz and /metrics";
-
-async fn fake(items: usize, latency: Duration) -> FakeKlarify {
-    let opts = FakeOptions {
-        access_key: KEY.into(),
-        latency,
-        seed: 77,
-        ..FakeOptions::default()
-    };
-    FakeKlarify::start(Organisation::generate(77, items), opts)
-        .await
-        .unwrap()
-}
+/// How long a daemon may take to stop after SIGTERM.
+const STOPS_WITHIN: Duration = Duration::from_secs(15);
 
 /// The binary with a clean environment, pointed at `fake` and `database_url`.
-fn command(
-    fake: &FakeKlarify,
-    database_url: &str,
-    cwd: &std::path::Path,
-    args: &[&str],
-) -> Command {
-    command_of(
-        Path::new(env!("CARGO_BIN_EXE_klarify-sync")),
-        fake,
-        database_url,
-        cwd,
-        args,
-    )
+fn command(fake: &FakeKlarify, database_url: &str, cwd: &Path, args: &[&str]) -> Command {
+    vars(fake, database_url).command(cwd, args)
 }
 
-/// [`command`] of the binary at `program`.
-fn command_of(
-    program: &Path,
-    fake: &FakeKlarify,
-    database_url: &str,
-    cwd: &std::path::Path,
-    args: &[&str],
-) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.env_clear()
-        .env("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url())
-        .env("KLARIFY_ACCESS_KEY", KEY)
-        .env("DATABASE_URL", database_url)
-        .env("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "20")
-        .env("KLARIFY_SYNC__KLARIFY__RETRY_BASE_DELAY_MS", "1")
-        .env("KLARIFY_SYNC__KLARIFY__RETRY_MAX_DELAY_SECS", "0")
-        .env("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0")
-        .env("KLARIFY_SYNC__SCHEDULE__CRON", EVERY_SECOND)
-        .env("KLARIFY_SYNC__LOG__FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .current_dir(cwd)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-struct Output {
-    ok: bool,
-    stderr: String,
-}
-
-async fn run(mut cmd: Command) -> Output {
-    cmd.stdout(Stdio::null());
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("klarify-sync did not finish within 120 s")
-        .unwrap();
-    Output {
-        ok: out.status.success(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn vars(fake: &FakeKlarify, database_url: &str) -> Vars {
+    let mut vars = Vars::new(fake, database_url);
+    vars.set("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "20")
+        .set("KLARIFY_SYNC__SCHEDULE__CRON", EVERY_SECOND)
+        .set("KLARIFY_SYNC__LOG__FORMAT", "json")
+        .set("RUST_LOG", "info");
+    vars
 }
 
 /// One line on stderr, naming the problem; no panic, no backtrace, no clause said twice.
@@ -147,139 +84,6 @@ fn assert_clear_sqlite_message(out: &Output, what: &str, words: &[&str]) {
     );
 }
 
-/// A running daemon whose JSON log lines are collected as they come.
-struct Daemon {
-    child: Child,
-    logs: Arc<Mutex<Vec<Value>>>,
-    /// The first log line that contained the access key, if any.
-    leaked: Arc<Mutex<Option<String>>>,
-    stderr: tokio::task::JoinHandle<String>,
-    addr: String,
-}
-
-impl Daemon {
-    /// Starts the daemon and waits until it serves HTTP; panics with its stderr if it exits.
-    async fn start(mut cmd: Command, what: &str) -> Self {
-        let mut child = cmd.spawn().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let leaked = Arc::new(Mutex::new(None));
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        tokio::spawn({
-            let (logs, leaked) = (logs.clone(), leaked.clone());
-            async move {
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.contains(KEY) {
-                        leaked.lock().unwrap().get_or_insert(line.clone());
-                    }
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        logs.lock().unwrap().push(v);
-                    }
-                }
-            }
-        });
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = tokio::spawn(async move {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s).await;
-            s
-        });
-        let mut daemon = Self {
-            child,
-            logs,
-            leaked,
-            stderr,
-            addr: String::new(),
-        };
-        let serving = daemon.wait_for(SERVING, 1, what).await;
-        daemon.addr = serving["addr"].as_str().unwrap().to_owned();
-        daemon
-    }
-
-    fn count(&self, message: &str) -> usize {
-        let logs = self.logs.lock().unwrap();
-        logs.iter().filter(|v| v["message"] == message).count()
-    }
-
-    /// Waits for the `n`-th log line with `message` and returns it.
-    async fn wait_for(&mut self, message: &str, n: usize, what: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            {
-                let logs = self.logs.lock().unwrap();
-                if let Some(v) = logs.iter().filter(|v| v["message"] == message).nth(n - 1) {
-                    return v.clone();
-                }
-            }
-            self.assert_running(what).await;
-            assert!(
-                Instant::now() < deadline,
-                "{what}: no {message:?} (#{n}) within 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn assert_running(&mut self, what: &str) {
-        if let Some(line) = self.leaked.lock().unwrap().as_ref() {
-            panic!("{what}: the access key was logged: {line}");
-        }
-        if let Some(status) = self.child.try_wait().unwrap() {
-            let stderr = (&mut self.stderr).await.unwrap_or_default();
-            panic!(
-                "{what}: the daemon exited ({status}) instead of waiting and retrying: {stderr}"
-            );
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .get(format!("http://{}{path}", self.addr))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// Polls `/readyz` until `accept` likes the answer; returns it.
-    async fn wait_ready(
-        &mut self,
-        accept: impl Fn(u16, &Value) -> bool,
-        within: Duration,
-        what: &str,
-    ) -> (u16, Value) {
-        let deadline = Instant::now() + within;
-        loop {
-            let (status, body) = self.get("/readyz").await;
-            if accept(status, &body) {
-                return (status, body);
-            }
-            self.assert_running(what).await;
-            assert!(
-                Instant::now() < deadline,
-                "{what}: /readyz still answers {status} {body} after {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        self.assert_running("before SIGTERM").await;
-        let pid = self.child.id().unwrap() as i32;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .expect("the daemon did not stop within 15 s of SIGTERM")
-            .unwrap()
-    }
-}
-
 fn database_reason(body: &Value) -> bool {
     matches!(
         body["reason"].as_str(),
@@ -287,19 +91,12 @@ fn database_reason(body: &Value) -> bool {
     )
 }
 
-async fn mirror_of(url: &str) -> Vec<klarify_sync::klarify::Procedure> {
-    let store = Store::open(&url.to_owned().into(), 2).await.unwrap();
-    let mirror = store.live_procedures().await.unwrap();
-    store.close().await;
-    mirror
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_with_postgres_stopped_fails_with_one_clean_line() {
     let pg = common::pg::private_cluster().await;
     let url = pg.create_database("mirror").await;
     pg.stop().await;
-    let fake = fake(30, Duration::ZERO).await;
+    let fake = fake(77, 30, Duration::ZERO).await;
     let cwd = tempfile::tempdir().unwrap();
     for mode in ["--once", "--backfill"] {
         let out = run(command(&fake, &url, cwd.path(), &[mode])).await;
@@ -318,7 +115,7 @@ async fn a_daemon_started_while_postgres_is_down_reports_it_and_recovers_without
     let pg = common::pg::private_cluster().await;
     let url = pg.create_database("mirror").await;
     pg.stop().await;
-    let fake = fake(150, Duration::ZERO).await;
+    let fake = fake(77, 150, Duration::ZERO).await;
     let cwd = tempfile::tempdir().unwrap();
     let what = "daemon started with PostgreSQL down";
     let mut daemon = Daemon::start(command(&fake, &url, cwd.path(), &[]), what).await;
@@ -327,44 +124,33 @@ async fn a_daemon_started_while_postgres_is_down_reports_it_and_recovers_without
         .wait_ready(
             |status, body| status == 503 && database_reason(body),
             Duration::from_secs(30),
-            what,
         )
         .await;
-    assert!(!body.to_string().contains(KEY));
-    let pid = daemon.child.id();
+    assert!(!body.to_string().contains(ACCESS_KEY));
+    let pid = daemon.pid();
 
     pg.start().await;
     daemon
-        .wait_ready(|status, _| status == 200, Duration::from_secs(60), what)
+        .wait_ready(|status, _| status == 200, Duration::from_secs(60))
         .await;
-    assert_eq!(
-        daemon.child.id(),
-        pid,
-        "{what}: recovered without a restart"
-    );
-    assert_same(&mirror_of(&url).await, &source_of(&fake));
-    assert!(daemon.terminate().await.success());
+    assert_eq!(daemon.pid(), pid, "{what}: recovered without a restart");
+    assert_same(&mirror_at(&url).await, &source_of(&fake));
+    daemon.terminate(STOPS_WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_mid_pass_fails_the_pass_and_the_daemon_recovers() {
     let pg = common::pg::private_cluster().await;
     let url = pg.create_database("mirror").await;
-    let fake = fake(400, Duration::from_millis(40)).await;
+    let fake = fake(77, 400, Duration::from_millis(40)).await;
     let cwd = tempfile::tempdir().unwrap();
     let what = "PostgreSQL stopped mid-pass";
     let mut daemon = Daemon::start(command(&fake, &url, cwd.path(), &[]), what).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fake.requests() < 5 {
-        daemon.assert_running(what).await;
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the first pass never started"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    daemon
+        .wait_for_requests(&fake, 5, Duration::from_secs(30))
+        .await;
     pg.stop().await;
-    let failed = daemon.wait_for("sync pass failed", 1, what).await;
+    let failed = daemon.wait_for("sync pass failed").await;
     assert_eq!(
         daemon.count("sync pass succeeded"),
         0,
@@ -380,12 +166,11 @@ async fn postgres_stopped_mid_pass_fails_the_pass_and_the_daemon_recovers() {
         .wait_ready(
             |status, body| status == 503 && database_reason(body),
             Duration::from_secs(30),
-            what,
         )
         .await;
     assert_eq!(daemon.get("/healthz").await.0, 200, "{what}: alive");
     // It keeps trying while the database is away.
-    daemon.wait_for("sync pass failed", 2, what).await;
+    daemon.wait_for("sync pass failed").await;
 
     fake.apply(&Churn {
         edits: 30,
@@ -394,12 +179,12 @@ async fn postgres_stopped_mid_pass_fails_the_pass_and_the_daemon_recovers() {
     });
     pg.start().await;
     daemon
-        .wait_ready(|status, _| status == 200, Duration::from_secs(90), what)
+        .wait_ready(|status, _| status == 200, Duration::from_secs(90))
         .await;
     // Ready again means a pass succeeded after the restart, so it read the changes made
     // while the database was away.
-    assert_same(&mirror_of(&url).await, &source_of(&fake));
-    assert!(daemon.terminate().await.success());
+    assert_same(&mirror_at(&url).await, &source_of(&fake));
+    daemon.terminate(STOPS_WITHIN).await;
 }
 
 /// A SQLite mirror after one successful `--once`, in WAL mode like every mirror.
@@ -415,7 +200,7 @@ async fn sqlite_mirror(fake: &FakeKlarify) -> (tempfile::TempDir, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_sqlite_file_gets_a_clear_message() {
     use sqlx::{Connection, Executor};
-    let fake = fake(40, Duration::ZERO).await;
+    let fake = fake(77, 40, Duration::ZERO).await;
     let (dir, url) = sqlite_mirror(&fake).await;
     fake.apply(&Churn {
         edits: 5,
@@ -445,7 +230,7 @@ async fn a_locked_sqlite_file_gets_a_clear_message() {
     // Once the lock is gone, the next run catches up.
     let out = run(command(&fake, &url, dir.path(), &["--once"])).await;
     assert!(out.ok, "{}", out.stderr);
-    assert_same(&mirror_of(&url).await, &source_of(&fake));
+    assert_same(&mirror_at(&url).await, &source_of(&fake));
 }
 
 /// Whom to run the binary as so that file permissions bind: root ignores them, so when the
@@ -467,7 +252,7 @@ async fn a_read_only_sqlite_file_gets_a_clear_message() {
     use std::fs::{set_permissions, Permissions};
     use std::os::unix::fs::{chown, PermissionsExt};
     const READ_ONLY: &[&str] = &["read-only", "readonly", "read only", "permission"];
-    let fake = fake(40, Duration::ZERO).await;
+    let fake = fake(77, 40, Duration::ZERO).await;
     let (dir, url) = sqlite_mirror(&fake).await;
     fake.apply(&Churn {
         edits: 5,
@@ -480,14 +265,14 @@ async fn a_read_only_sqlite_file_gets_a_clear_message() {
     let program = match user {
         Some(_) => {
             let program = copy.path().join("klarify-sync");
-            std::fs::copy(env!("CARGO_BIN_EXE_klarify-sync"), &program).unwrap();
+            std::fs::copy(binary::PROGRAM, &program).unwrap();
             set_permissions(copy.path(), Permissions::from_mode(0o755)).unwrap();
             program
         }
-        None => Path::new(env!("CARGO_BIN_EXE_klarify-sync")).to_owned(),
+        None => Path::new(binary::PROGRAM).to_owned(),
     };
     let as_user = |url: &str| {
-        let mut cmd = command_of(&program, &fake, url, dir.path(), &["--once"]);
+        let mut cmd = vars(&fake, url).command_of(&program, dir.path(), &["--once"]);
         if let Some((uid, gid)) = user {
             cmd.uid(uid).gid(gid);
         }
@@ -539,7 +324,7 @@ async fn a_read_only_sqlite_file_gets_a_clear_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_refusals_get_postgres_messages() {
     use sqlx::{Connection, Executor};
-    let fake = fake(10, Duration::ZERO).await;
+    let fake = fake(77, 10, Duration::ZERO).await;
     let cwd = tempfile::tempdir().unwrap();
     let url = common::pg::fresh_database().await;
     let role = format!("kst_reader_{:08x}", rand::random::<u32>());

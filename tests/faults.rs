@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::binary::{self, Daemon, Vars};
 use common::{assert_same, Backend, Env};
 use klarify_fake::{Churn, FakeKlarify, FakeOptions, Fault, Organisation};
 use klarify_sync::klarify::{
@@ -519,7 +520,7 @@ async fn a_total_count_near_u64_max_neither_panics_nor_loses_items(backend: Back
 }
 
 /// Page numbers are how a tie group's end is found: a server that serves page 0 whatever is
-/// asked for never shows it, and probing for it went on for ever.
+/// asked for never shows it, and unbounded probing for it would go on for ever.
 async fn a_server_ignoring_page_leaves_a_tie_group_unproven_in_bounded_time(backend: Backend) {
     let org = Organisation::generate_grouped(57, 100, &[60]);
     let mut env = Env::new(backend, org, 25).await;
@@ -868,10 +869,7 @@ async fn rejected_count(env: &Env) -> usize {
 /// again) and counted in `klarify_sync_rejected_items_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_items_are_logged_once_and_counted() {
-    use tokio::io::AsyncBufReadExt;
-    let fake = FakeKlarify::start(Organisation::generate(56, 60), FakeOptions::default())
-        .await
-        .unwrap();
+    let fake = binary::fake(56, 60, Duration::ZERO).await;
     let bad = [
         json!({"id": "r1", "updated_at": "yesterday"}),
         json!({"id": "r2", "updated_at": "2025-07-01T00:00:00Z", "lanes": "HR"}),
@@ -881,48 +879,18 @@ async fn rejected_items_are_logged_once_and_counted() {
         fake.insert_raw(item.clone());
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_klarify-sync"))
-        .env_clear()
-        .env("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url())
-        .env("KLARIFY_ACCESS_KEY", fake.access_key())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("m.db").display()),
-        )
-        .env("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0")
-        .env("KLARIFY_SYNC__SCHEDULE__CRON", "* * * * * *")
-        .env("KLARIFY_SYNC__LOG__FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut addr, mut passes, mut logged) = (None, 0, Vec::new());
-    let read = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            let message = v["message"].as_str().unwrap_or_default();
-            if message.starts_with("serving /healthz") {
-                addr = v["addr"].as_str().map(str::to_owned);
-            } else if message == "sync pass succeeded" {
-                passes += 1;
-                if passes == 3 {
-                    return;
-                }
-            } else if message.contains("cannot be understood") {
-                logged.push(v);
-            }
-        }
-        panic!("the daemon ended early");
-    };
-    tokio::time::timeout(Duration::from_secs(60), read)
-        .await
-        .expect("three passes within 60 s");
+    let mut vars = Vars::new(&fake, &common::sqlite_url(dir.path()));
+    vars.set("KLARIFY_SYNC__SCHEDULE__CRON", "* * * * * *")
+        .set("RUST_LOG", "info");
+    let mut daemon = Daemon::start(vars.command(dir.path(), &[]), "rejected items").await;
+    for _ in 0..3 {
+        daemon.wait_for("sync pass succeeded").await;
+    }
+    let logged = daemon.logged(|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot be understood"))
+    });
     assert_eq!(
         logged.len(),
         bad.len(),
@@ -931,27 +899,14 @@ async fn rejected_items_are_logged_once_and_counted() {
     for v in &logged {
         assert_eq!(v["level"], "WARN", "{v}");
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", addr.unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, metrics) = daemon.get("/metrics").await;
     assert!(
         metrics
             .lines()
             .any(|l| l == format!("klarify_sync_rejected_items_total {}", bad.len())),
         "{metrics}"
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-    let drain = async { while let Ok(Some(_)) = lines.next_line().await {} };
-    let (status, ()) = tokio::time::timeout(Duration::from_secs(10), async {
-        tokio::join!(child.wait(), drain)
-    })
-    .await
-    .unwrap();
-    assert!(status.unwrap().success());
+    daemon.terminate(Duration::from_secs(10)).await;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{run_binary, Backend, Env, Output, HOSTILE_NAME};
+use common::binary::{Output, Vars};
+use common::{Backend, Env, HOSTILE_NAME};
 use klarify_fake::Organisation;
 use klarify_sync::sync::Mode;
 use secrecy::{ExposeSecret, SecretString};
@@ -19,8 +20,7 @@ on_both_backends!(
 /// Runs `klarify-sync graph ARGS` against `url`.
 async fn graph(url: &SecretString, args: &[&str]) -> Output {
     let args: Vec<&str> = ["graph"].iter().chain(args).copied().collect();
-    let env = vec![("DATABASE_URL".to_owned(), url.expose_secret().to_owned())];
-    run_binary(env, &args).await
+    Vars::with_database(url.expose_secret()).run(&args).await
 }
 
 /// A mirror of 120 generated procedures (with names that resolve to none or to several) and
@@ -160,5 +160,5 @@ async fn mermaid_and_a_neighbourhood_to_a_file(backend: Backend) {
 }
 
 async fn no_mirror_is_one_line_and_creates_nothing(backend: Backend) {
-    common::assert_refused_without_a_mirror(backend, &["graph"]).await;
+    common::binary::assert_refused_without_a_mirror(backend, &["graph"]).await;
 }

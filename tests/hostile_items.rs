@@ -1,6 +1,6 @@
 //! Poison items: whatever an item holds, it is either stored or kept in `rejected_items`, on
-//! both backends alike, and the rest of its batch is stored. Items that parsed but that
-//! PostgreSQL refused used to fail their whole batch, on every pass, at the same place.
+//! both backends alike, and the rest of its batch is stored. An item that parses but that
+//! PostgreSQL refuses would otherwise fail its whole batch, on every pass, at the same place.
 //!
 //! Pages go through the parser (`parse_page`) and `Store::write_page`, as a pass writes them; a
 //! property test generates the hostile items.
@@ -220,7 +220,7 @@ async fn an_instant_past_year_9999_in_utc_is_rejected_not_a_panic(backend: Backe
 }
 
 /// A batch can hold the same unreadable item twice (a page read again in a tie group, or served
-/// twice): PostgreSQL's upsert refused to update one row twice in a statement.
+/// twice): PostgreSQL's upsert refuses to update one row twice in a statement.
 async fn the_same_rejected_item_twice_in_a_batch(backend: Backend) {
     let mirror = Mirror::new(backend).await;
     let page = [
@@ -300,8 +300,8 @@ impl std::io::Write for Captured {
     }
 }
 
-/// A rejected item is logged with its raw text, which was logged whole: a megabyte-long item
-/// made a megabyte-long line, on every pass that served it.
+/// A rejected item is logged with its raw text, bounded: logged whole, a megabyte-long item
+/// would make a megabyte-long line, on every pass that served it.
 async fn a_rejected_item_is_logged_on_one_bounded_line(backend: Backend) {
     let mirror = Mirror::new(backend).await;
     let captured = Captured::default();

@@ -15,8 +15,9 @@ mod common;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::binary::{fake, Daemon, Vars};
 use common::{assert_same, assert_watermark_not_ahead, long_tests, seed, source_of, Backend};
-use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
+use klarify_fake::{Churn, FakeKlarify};
 use klarify_sync::klarify::format_instant;
 use klarify_sync::store::Store;
 use rand::rngs::StdRng;
@@ -25,7 +26,6 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-const KEY: &str = "kill-test-key-7731";
 const PAGE_SIZE: usize = 20;
 
 on_both_backends!(
@@ -75,61 +75,36 @@ impl Mirror {
         }
     }
 
-    /// The binary with a clean environment, pointed at `fake` and this mirror.
+    /// The binary with a clean environment, pointed at `fake` and this mirror. Its log, which
+    /// nobody reads, goes nowhere; its stderr is kept for a failure's message.
     fn command(&self, fake: &FakeKlarify, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_klarify-sync"));
-        cmd.env_clear()
-            .env("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url())
-            .env("KLARIFY_ACCESS_KEY", KEY)
-            .env("DATABASE_URL", self.url.expose_secret())
-            .env("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", PAGE_SIZE.to_string())
-            .env("KLARIFY_SYNC__KLARIFY__RETRY_BASE_DELAY_MS", "1")
-            .env("KLARIFY_SYNC__KLARIFY__RETRY_MAX_DELAY_SECS", "0")
-            .env("KLARIFY_SYNC__HTTP__LISTEN", "127.0.0.1:0")
-            .env("KLARIFY_SYNC__LOG__FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .current_dir(self.cwd.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut vars = Vars::new(fake, self.url.expose_secret());
+        vars.set("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", &PAGE_SIZE.to_string())
+            .set("KLARIFY_SYNC__LOG__FORMAT", "json")
+            .set("RUST_LOG", "info");
+        let mut cmd = vars.command(self.cwd.path(), args);
+        cmd.stdout(Stdio::null());
         cmd
     }
 
     /// Runs the binary until it exits on its own; panics unless it succeeds.
     async fn complete(&self, fake: &FakeKlarify, args: &[&str], context: &str) {
-        let child = self.command(fake, args).spawn().unwrap();
-        let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
-            .await
-            .unwrap_or_else(|_| panic!("{context}: klarify-sync {args:?} did not finish"))
-            .unwrap();
+        let out = common::binary::run(self.command(fake, args)).await;
         assert!(
-            out.status.success(),
+            out.ok,
             "{context}: klarify-sync {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            out.stderr
         );
     }
 
     /// Opens the mirror as a reader would, or None when the killed process had not yet created
     /// the schema (opening it through `Store` would migrate it, doing the binary's job for it).
     async fn open_if_migrated(&self) -> Option<Store> {
-        let Ok(pool) = common::any_pool(self.url.expose_secret()).await else {
-            return None;
-        };
-        let migrated: Result<(i64,), _> =
-            sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&pool)
-                .await;
-        pool.close().await;
-        match migrated {
-            Ok((n,)) if n > 0 => Some(Store::open(&self.url, 2).await.unwrap()),
+        let migrated = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+        match common::try_scalar(&self.url, migrated).await {
+            Ok(n) if n > 0 => Some(Store::open(&self.url, 2).await.unwrap()),
             _ => None,
         }
-    }
-
-    async fn scalar(&self, sql: &str) -> i64 {
-        common::scalar(&self.url, sql).await
     }
 
     /// What a process killed at any moment must leave: a readable database, a watermark that
@@ -158,16 +133,14 @@ impl Mirror {
              (SELECT 1 FROM procedures p WHERE p.id = c.procedure_id)",
             "SELECT COUNT(*) FROM (SELECT id FROM procedures GROUP BY id HAVING COUNT(*) > 1) d",
         ] {
-            assert_eq!(self.scalar(sql).await, 0, "{context}: {sql}");
+            assert_eq!(common::scalar(&self.url, sql).await, 0, "{context}: {sql}");
         }
     }
 
     /// After the last, complete run: the mirror is the source, and the child tables hold
     /// exactly the source's lanes and calls, no row twice.
     async fn assert_equals_source(&self, fake: &FakeKlarify, context: &str) {
-        let store = Store::open(&self.url, 2).await.unwrap();
-        let mirror = store.live_procedures().await.unwrap();
-        store.close().await;
+        let mirror = common::mirror_at(self.url.expose_secret()).await;
         let source = source_of(fake);
         assert_same(&mirror, &source);
         let lanes: usize = source.iter().map(|p| p.lanes.len()).sum();
@@ -175,26 +148,28 @@ impl Mirror {
             .iter()
             .map(|p| p.called_within.len() + p.called_from.len())
             .sum();
-        let live_lanes = self
-            .scalar(
-                "SELECT COUNT(*) FROM procedure_lanes l JOIN procedures p \
-                 ON p.id = l.procedure_id WHERE p.deleted_at IS NULL",
-            )
-            .await;
-        let live_calls = self
-            .scalar(
-                "SELECT COUNT(*) FROM procedure_calls c JOIN procedures p \
-                 ON p.id = c.procedure_id WHERE p.deleted_at IS NULL",
-            )
-            .await;
+        let live_lanes = common::scalar(
+            &self.url,
+            "SELECT COUNT(*) FROM procedure_lanes l JOIN procedures p \
+             ON p.id = l.procedure_id WHERE p.deleted_at IS NULL",
+        )
+        .await;
+        let live_calls = common::scalar(
+            &self.url,
+            "SELECT COUNT(*) FROM procedure_calls c JOIN procedures p \
+             ON p.id = c.procedure_id WHERE p.deleted_at IS NULL",
+        )
+        .await;
         assert_eq!(live_lanes as usize, lanes, "{context}: lane rows");
         assert_eq!(live_calls as usize, calls, "{context}: call rows");
-        let live = self
-            .scalar("SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL")
-            .await;
+        let live = common::scalar(
+            &self.url,
+            "SELECT COUNT(*) FROM procedures WHERE deleted_at IS NULL",
+        )
+        .await;
         assert_eq!(live as usize, source.len(), "{context}: live procedures");
         // A bulk load killed before its end dropped indexes; a completed pass builds them.
-        let deferred = self.scalar("SELECT COUNT(*) FROM deferred_schema").await;
+        let deferred = common::scalar(&self.url, "SELECT COUNT(*) FROM deferred_schema").await;
         assert_eq!(deferred, 0, "{context}: indexes still deferred");
     }
 }
@@ -252,18 +227,6 @@ async fn finished(mut child: Child, status: ExitStatus, requests: u64, context: 
     }
     assert!(status.success(), "{context}: the run failed: {stderr}");
     Kill::Finished(requests)
-}
-
-async fn fake(seed: u64, items: usize, latency: Duration) -> FakeKlarify {
-    let opts = FakeOptions {
-        access_key: KEY.into(),
-        latency,
-        seed,
-        ..FakeOptions::default()
-    };
-    FakeKlarify::start(Organisation::generate(seed, items), opts)
-        .await
-        .unwrap()
 }
 
 fn salt(backend: Backend) -> u64 {
@@ -383,44 +346,13 @@ async fn sigterm_mid_pass_exits_zero_and_the_next_start_resumes(backend: Backend
     const ITEMS: usize = 400;
     let fake = fake(31, ITEMS, Duration::from_millis(50)).await;
     let mirror = Mirror::new(backend).await;
-    let mut daemon = mirror.command(&fake, &[]).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fake.requests() < 6 {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            let mut stderr = String::new();
-            let _ = daemon
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .await;
-            panic!("{backend:?}: the daemon exited ({status}) before its first pass: {stderr}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{backend:?}: the first pass never started"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let pid = daemon.id().unwrap() as i32;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let stopping = Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(5), daemon.wait())
-        .await
-        .unwrap_or_else(|_| panic!("{backend:?}: the daemon did not exit within 5 s of SIGTERM"))
-        .unwrap();
-    let mut stderr = String::new();
-    let _ = daemon
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
+    let what = format!("{backend:?}: SIGTERM mid-pass");
+    let mut daemon = Daemon::start(mirror.command(&fake, &[]), &what).await;
+    daemon
+        .wait_for_requests(&fake, 6, Duration::from_secs(60))
         .await;
-    assert!(
-        status.success(),
-        "{backend:?}: exit status {status} after SIGTERM: {stderr}"
-    );
+    let stopping = Instant::now();
+    daemon.terminate(Duration::from_secs(5)).await;
     let took = stopping.elapsed();
 
     let store = Store::open(&mirror.url, 2).await.unwrap();

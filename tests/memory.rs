@@ -3,11 +3,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
 
-use klarify_fake::{FakeKlarify, FakeOptions, Organisation};
+use common::binary::{self, Vars};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 /// 300 MB of items in all: far more than the bound, so a pass that holds what it reads for
 /// longer than the bound allows shows.
@@ -51,41 +53,32 @@ fn peak_rss_of_children() -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_of_large_items_peaks_under_the_documented_bound() {
-    let fake = FakeKlarify::start(Organisation::generate(1, 0), FakeOptions::default())
-        .await
-        .unwrap();
+    let fake = binary::fake(1, 0, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("m.db").display());
-    let env = [
-        ("KLARIFY_SYNC__KLARIFY__BASE_URL", fake.base_url()),
-        ("KLARIFY_ACCESS_KEY", fake.access_key()),
-        ("DATABASE_URL", url.clone()),
-        (
-            "KLARIFY_SYNC__KLARIFY__CONCURRENCY",
-            CONCURRENCY.to_string(),
-        ),
-        ("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", PAGE_SIZE.to_string()),
-        (
-            "KLARIFY_SYNC__KLARIFY__MAX_BODY_BYTES",
-            MAX_BODY_BYTES.to_string(),
-        ),
-        (
-            "KLARIFY_SYNC__KLARIFY__MAX_REQUESTS_PER_SECOND",
-            "10000".into(),
-        ),
-    ];
+    let url = common::sqlite_url(dir.path());
+    let mut vars = Vars::new(&fake, &url);
+    vars.set(
+        "KLARIFY_SYNC__KLARIFY__CONCURRENCY",
+        &CONCURRENCY.to_string(),
+    )
+    .set("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", &PAGE_SIZE.to_string())
+    .set(
+        "KLARIFY_SYNC__KLARIFY__MAX_BODY_BYTES",
+        &MAX_BODY_BYTES.to_string(),
+    )
+    .set("KLARIFY_SYNC__KLARIFY__MAX_REQUESTS_PER_SECOND", "10000");
     // A child's peak RSS includes its parent's at the instant it was started (Linux keeps the
     // high-water mark of the memory an exec replaces). So the child starts now, while this
     // process is small, as a shell that waits for a line before it becomes the binary.
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", r#"read -r _ && exec "$0" --backfill"#])
-        .arg(env!("CARGO_BIN_EXE_klarify-sync"))
-        .env_clear()
-        .envs(env)
-        .current_dir(dir.path())
+    let shell = r#"read -r _ && exec "$0" --backfill"#;
+    let mut child = vars
+        .command_of(
+            Path::new("/bin/sh"),
+            dir.path(),
+            &["-c", shell, binary::PROGRAM],
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let text = "x".repeat(ITEM_BYTES);
@@ -98,11 +91,10 @@ async fn a_backfill_of_large_items_peaks_under_the_documented_bound() {
             "description": text,
         }));
     }
-    writeln!(child.stdin.take().unwrap(), "go").unwrap();
-    // Off the runtime, so the fake keeps serving while the child runs.
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let mut go = child.stdin.take().unwrap();
+    go.write_all(b"go\n").await.unwrap();
+    drop(go);
+    let out = child.wait_with_output().await.unwrap();
     let peak = peak_rss_of_children();
     println!(
         "peak RSS {:.1} MiB, bound {:.1} MiB",

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 
-use common::{tools, Backend, Env};
+use common::{scalar, tools, Backend, Env};
 use klarify_fake::{Churn, Organisation};
 use klarify_sync::store::Store;
 use klarify_sync::sync::Mode;
@@ -408,14 +408,14 @@ async fn history_keeps_each_version_once(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(21, 120), 25).await;
     env.pass(Mode::Backfill).await.unwrap();
     assert_eq!(
-        count(&env, "SELECT COUNT(*) FROM procedure_versions").await,
+        scalar(&env.database_url, "SELECT COUNT(*) FROM procedure_versions").await,
         120
     );
     // Re-reads of unchanged procedures add nothing, incremental or full.
     env.pass(Mode::Incremental).await.unwrap();
     env.pass(Mode::Backfill).await.unwrap();
     assert_eq!(
-        count(&env, "SELECT COUNT(*) FROM procedure_versions").await,
+        scalar(&env.database_url, "SELECT COUNT(*) FROM procedure_versions").await,
         120
     );
 
@@ -438,12 +438,12 @@ async fn history_keeps_each_version_once(backend: Backend) {
     env.pass(Mode::Incremental).await.unwrap();
     env.assert_mirror_equals_source().await;
     assert_eq!(
-        count(&env, "SELECT COUNT(*) FROM procedure_versions").await,
+        scalar(&env.database_url, "SELECT COUNT(*) FROM procedure_versions").await,
         175
     );
     assert_eq!(
-        count(
-            &env,
+        scalar(
+            &env.database_url,
             "SELECT COUNT(*) FROM procedure_versions WHERE version > 1"
         )
         .await,
@@ -452,8 +452,8 @@ async fn history_keeps_each_version_once(backend: Backend) {
 
     // Exactly one current version per live procedure, equal to the procedures row.
     assert_eq!(
-        count(
-            &env,
+        scalar(
+            &env.database_url,
             "SELECT COUNT(*) FROM procedure_versions WHERE valid_to IS NULL"
         )
         .await,
@@ -463,25 +463,29 @@ async fn history_keeps_each_version_once(backend: Backend) {
         ON p.id = v.procedure_id AND p.updated_at = v.updated_at \
         WHERE v.valid_to IS NULL AND v.name = p.name AND v.status = p.status \
         AND v.owner = p.owner AND v.performer = p.performer AND v.url = p.url AND v.raw = p.raw";
-    assert_eq!(count(&env, current_equal).await, 125);
+    assert_eq!(scalar(&env.database_url, current_equal).await, 125);
     // Versions follow each other without gaps or overlaps.
     let chained = "SELECT COUNT(*) FROM procedure_versions v JOIN procedure_versions n \
         ON n.procedure_id = v.procedure_id AND n.version = v.version + 1 \
         WHERE v.valid_to = n.valid_from AND v.valid_from < n.valid_from";
-    assert_eq!(count(&env, chained).await, 50);
+    assert_eq!(scalar(&env.database_url, chained).await, 50);
     // The lanes of each current version are the procedure's lanes.
-    let lanes = count(&env, "SELECT COUNT(*) FROM live_procedure_lanes").await;
+    let lanes = scalar(
+        &env.database_url,
+        "SELECT COUNT(*) FROM live_procedure_lanes",
+    )
+    .await;
     let current_lanes = "SELECT COUNT(*) FROM procedure_version_lanes vl \
         JOIN procedure_versions v ON v.procedure_id = vl.procedure_id AND v.updated_at = vl.updated_at \
         JOIN live_procedure_lanes l ON l.procedure_id = vl.procedure_id \
              AND l.position = vl.position AND l.lane = vl.lane \
         WHERE v.valid_to IS NULL";
     assert!(lanes > 100);
-    assert_eq!(count(&env, current_lanes).await, lanes);
+    assert_eq!(scalar(&env.database_url, current_lanes).await, lanes);
     let all_current_lanes = "SELECT COUNT(*) FROM procedure_version_lanes vl \
         JOIN procedure_versions v ON v.procedure_id = vl.procedure_id AND v.updated_at = vl.updated_at \
         WHERE v.valid_to IS NULL";
-    assert_eq!(count(&env, all_current_lanes).await, lanes);
+    assert_eq!(scalar(&env.database_url, all_current_lanes).await, lanes);
 }
 
 async fn deletion_ends_a_version_and_revival_continues(backend: Backend) {
@@ -503,15 +507,15 @@ async fn deletion_ends_a_version_and_revival_continues(backend: Backend) {
              AND v.valid_to = p.deleted_at AND v.deleted_at = p.deleted_at"
         )
     };
-    assert_eq!(count(&env, &ended(same_id)).await, 1);
-    assert_eq!(count(&env, &ended(changed_id)).await, 1);
+    assert_eq!(scalar(&env.database_url, &ended(same_id)).await, 1);
+    assert_eq!(scalar(&env.database_url, &ended(changed_id)).await, 1);
     assert_eq!(
-        count(&env, "SELECT COUNT(*) FROM procedure_versions").await,
+        scalar(&env.database_url, "SELECT COUNT(*) FROM procedure_versions").await,
         10
     );
     assert_eq!(
-        count(
-            &env,
+        scalar(
+            &env.database_url,
             "SELECT COUNT(*) FROM procedure_versions WHERE valid_to IS NULL"
         )
         .await,
@@ -545,26 +549,29 @@ async fn deletion_ends_a_version_and_revival_continues(backend: Backend) {
 
     let versions =
         |id: &str| format!("SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{id}'");
-    assert_eq!(count(&env, &versions(same_id)).await, 1);
+    assert_eq!(scalar(&env.database_url, &versions(same_id)).await, 1);
     let continued = format!(
         "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{same_id}' \
          AND valid_to IS NULL AND deleted_at IS NULL"
     );
-    assert_eq!(count(&env, &continued).await, 1);
-    assert_eq!(count(&env, &versions(changed_id)).await, 2);
+    assert_eq!(scalar(&env.database_url, &continued).await, 1);
+    assert_eq!(scalar(&env.database_url, &versions(changed_id)).await, 2);
     let old_ended_when_found_gone = format!(
         "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{changed_id}' \
          AND version = 1 AND valid_to = '{gone_at}' AND deleted_at = '{gone_at}'"
     );
-    assert_eq!(count(&env, &old_ended_when_found_gone).await, 1);
+    assert_eq!(
+        scalar(&env.database_url, &old_ended_when_found_gone).await,
+        1
+    );
     let new_current = format!(
         "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{changed_id}' \
          AND version = 2 AND valid_to IS NULL AND name = 'Back again'"
     );
-    assert_eq!(count(&env, &new_current).await, 1);
+    assert_eq!(scalar(&env.database_url, &new_current).await, 1);
     assert_eq!(
-        count(
-            &env,
+        scalar(
+            &env.database_url,
             "SELECT COUNT(*) FROM procedure_versions WHERE valid_to IS NULL"
         )
         .await,
@@ -599,17 +606,17 @@ async fn a_deleted_procedure_may_come_back_at_a_version_it_had(backend: Backend)
     assert_eq!((report.stats.updated, report.deleted), (1, 0));
     env.assert_mirror_equals_source().await;
     let versions = format!("SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{id}'");
-    assert_eq!(count(&env, &versions).await, 2);
+    assert_eq!(scalar(&env.database_url, &versions).await, 2);
     let lanes = format!("SELECT COUNT(*) FROM procedure_version_lanes WHERE procedure_id = '{id}'");
     let first_lanes = first["lanes"].as_array().unwrap().len() as i64;
-    assert_eq!(count(&env, &lanes).await, first_lanes + 2);
+    assert_eq!(scalar(&env.database_url, &lanes).await, first_lanes + 2);
     // The second version, ended when it was found gone, is the one in the history.
     let ended = format!(
         "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '{id}' \
          AND updated_at <> (SELECT updated_at FROM procedures WHERE id = '{id}') \
          AND deleted_at IS NOT NULL"
     );
-    assert_eq!(count(&env, &ended).await, 1);
+    assert_eq!(scalar(&env.database_url, &ended).await, 1);
 }
 
 async fn call_edges_resolve_names_among_live_procedures(backend: Backend) {
@@ -706,11 +713,11 @@ async fn an_existing_mirror_starts_its_history_with_what_it_holds(backend: Backe
     let store = Store::open(&url, 2).await.unwrap();
     store.close().await;
     assert_eq!(
-        count_at(&url, "SELECT COUNT(*) FROM procedure_versions").await,
+        scalar(&url, "SELECT COUNT(*) FROM procedure_versions").await,
         2
     );
     assert_eq!(
-        count_at(
+        scalar(
             &url,
             "SELECT COUNT(*) FROM procedure_versions WHERE procedure_id = '1' AND valid_to IS NULL"
         )
@@ -718,7 +725,7 @@ async fn an_existing_mirror_starts_its_history_with_what_it_holds(backend: Backe
         1
     );
     assert_eq!(
-        count_at(
+        scalar(
             &url,
             "SELECT COUNT(*) FROM procedure_versions v JOIN procedures p ON p.id = v.procedure_id \
                          WHERE v.procedure_id = '2' AND v.valid_to = p.deleted_at"
@@ -727,10 +734,10 @@ async fn an_existing_mirror_starts_its_history_with_what_it_holds(backend: Backe
         1
     );
     assert_eq!(
-        count_at(&url, "SELECT COUNT(*) FROM procedure_version_lanes").await,
+        scalar(&url, "SELECT COUNT(*) FROM procedure_version_lanes").await,
         3
     );
-    assert_eq!(count_at(&url, "SELECT COUNT(*) FROM procedure_version_lanes l JOIN procedures p \
+    assert_eq!(scalar(&url, "SELECT COUNT(*) FROM procedure_version_lanes l JOIN procedures p \
                          ON p.id = l.procedure_id AND p.updated_at = l.updated_at WHERE l.lane = 'B' AND l.position = 1").await, 1);
 }
 
@@ -766,11 +773,11 @@ async fn a_mirror_keeps_its_versions_when_the_history_moves_to_past_ones(backend
 
     Store::open(&url, 2).await.unwrap().close().await;
     assert_eq!(
-        count_at(&url, "SELECT COUNT(*) FROM procedure_history").await,
+        scalar(&url, "SELECT COUNT(*) FROM procedure_history").await,
         1
     );
     assert_eq!(
-        count_at(&url, "SELECT COUNT(*) FROM procedure_versions").await,
+        scalar(&url, "SELECT COUNT(*) FROM procedure_versions").await,
         2
     );
     let version = |n: u32, name: &str, valid_to: &str| {
@@ -780,12 +787,12 @@ async fn a_mirror_keeps_its_versions_when_the_history_moves_to_past_ones(backend
         )
     };
     assert_eq!(
-        count_at(&url, &version(1, "Then", &format!("= {now}"))).await,
+        scalar(&url, &version(1, "Then", &format!("= {now}"))).await,
         1
     );
-    assert_eq!(count_at(&url, &version(2, "Now", "IS NULL")).await, 1);
+    assert_eq!(scalar(&url, &version(2, "Now", "IS NULL")).await, 1);
     assert_eq!(
-        count_at(&url, "SELECT COUNT(*) FROM procedure_version_lanes").await,
+        scalar(&url, "SELECT COUNT(*) FROM procedure_version_lanes").await,
         2
     );
     let lane = |at: &str, lane: &str| {
@@ -794,8 +801,8 @@ async fn a_mirror_keeps_its_versions_when_the_history_moves_to_past_ones(backend
              AND updated_at = {at} AND position = 0 AND lane = '{lane}'"
         )
     };
-    assert_eq!(count_at(&url, &lane(then, "A")).await, 1);
-    assert_eq!(count_at(&url, &lane(now, "B")).await, 1);
+    assert_eq!(scalar(&url, &lane(then, "A")).await, 1);
+    assert_eq!(scalar(&url, &lane(now, "B")).await, 1);
 }
 
 /// A pool on `url` with the backend's migrations older than `version` applied.
@@ -1079,21 +1086,6 @@ fn sqlite_timestamp(cell: &str) -> String {
 
 async fn any_pool(url: &SecretString) -> sqlx::AnyPool {
     common::any_pool(url.expose_secret()).await.unwrap()
-}
-
-async fn count_at(url: &SecretString, sql: &str) -> i64 {
-    let pool = any_pool(url).await;
-    let result = sqlx::query_as::<_, (i64,)>(sql).fetch_optional(&pool).await;
-    pool.close().await;
-    match result {
-        Ok(Some((n,))) => n,
-        Ok(None) => 0,
-        Err(e) => panic!("{sql}: {e}"),
-    }
-}
-
-async fn count(env: &Env, sql: &str) -> i64 {
-    count_at(&env.database_url, sql).await
 }
 
 async fn text(env: &Env, sql: &str) -> String {

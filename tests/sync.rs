@@ -303,7 +303,7 @@ async fn malformed_items_are_kept_aside(backend: Backend) {
     env.assert_mirror_equals_source().await;
     // Served again, they are not duplicated.
     env.pass(Mode::Backfill).await.unwrap();
-    let rejected = count(&env, "SELECT COUNT(*) FROM rejected_items").await;
+    let rejected = common::scalar(&env.database_url, "SELECT COUNT(*) FROM rejected_items").await;
     assert_eq!(rejected, 3);
 }
 
@@ -319,14 +319,4 @@ async fn a_lying_has_next_is_caught_by_total_count(backend: Backend) {
     env.fake.inject(Fault::LyingHasNext, 1);
     env.pass(Mode::Incremental).await.unwrap();
     env.assert_mirror_equals_source().await;
-}
-
-async fn count(env: &Env, sql: &str) -> i64 {
-    use secrecy::ExposeSecret;
-    let pool = common::any_pool(env.database_url.expose_secret())
-        .await
-        .unwrap();
-    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-    pool.close().await;
-    n
 }

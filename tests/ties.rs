@@ -161,8 +161,8 @@ async fn three_large_groups_under_churn_are_exact_once_it_stops(backend: Backend
     }
 }
 
-/// The long soak's seed 20644 lost procedures this way: a member of a tie group that a backfill
-/// did not read was not among the ids it saw, so it was marked deleted.
+/// A member of a tie group that a backfill did not read is not among the ids it saw: marking
+/// deletions then would mark it deleted though it exists.
 async fn a_backfill_marks_nothing_deleted_while_a_group_is_unproven(backend: Backend) {
     let mut env = env(backend, Organisation::generate(14, 300), 14, Some(25), 25).await;
     // One reader and one round per group: requests, and so the churn, in a fixed order.

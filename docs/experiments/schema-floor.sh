@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The cost of the schema alone: copies the rows of a finished mirror into a freshly migrated
 # one, in updated_at order, in batches of 3,000 (one transaction each, as the sync commits),
-# with no JSON and no klarify-sync (docs/performance.md, "Where the time went").
+# with no JSON and no klarify-sync (docs/performance.md, "Tried and not adopted").
 #
 #   sqlite FULL.db EMPTY.db ["SQL run before the copy"] ["SQL run after it"]
 #   postgres ADMIN_URL FULL_DB ["SQL run before the copy"] ["SQL run after it"]
 #
-# FULL: a mirror after `klarify-sync --backfill` (e.g. of `fake-klarify --procedures 100000`);
-# EMPTY.db: a migrated, empty SQLite mirror (`DATABASE_URL=sqlite://EMPTY.db klarify-sync
-# status`). SYNC=OFF and CACHE=KiB set SQLite's pragmas. Prints the wall time of the copy.
+# FULL: a mirror after `klarify-sync --backfill` (e.g. of `fake-klarify --procedures 100000`).
+# EMPTY.db: a migrated, empty SQLite mirror. `status` only reads an existing mirror; a pass
+# migrates before its first request, so one that finds no API leaves an empty mirror behind:
+#   KLARIFY_ACCESS_KEY=none KLARIFY_SYNC__KLARIFY__BASE_URL=http://127.0.0.1:9 \
+#   KLARIFY_SYNC__KLARIFY__MAX_ATTEMPTS=1 DATABASE_URL=sqlite://EMPTY.db klarify-sync --once
+# (it fails, as it should). SYNC=OFF and CACHE=KiB set SQLite's pragmas. Prints the wall time
+# of the copy.
 set -euo pipefail
 
 batches() { # TABLE_PREFIX: the copy's statements, one transaction per batch
@@ -76,7 +80,7 @@ SQL
     timed psql -q "$url/klarify_floor" -f "$script"
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac

@@ -1,9 +1,9 @@
 //! What both stores can hold of an item's raw JSON.
 //!
 //! serde skips the fields it does not know without looking inside them, so an item can parse
-//! and still be refused by PostgreSQL's `jsonb`: one such item failed its whole batch, on every
-//! pass. These checks find such items first, so that they are rejected alone, on both backends
-//! alike. The limits were measured against PostgreSQL 15 (docs/reliability.md).
+//! and still be refused by PostgreSQL's `jsonb`: one such item would fail its whole batch, on
+//! every pass. These checks find such items first, so that they are rejected alone, on both
+//! backends alike. The limits were measured against PostgreSQL 15 (docs/reliability.md).
 
 use super::model::untrusted;
 
@@ -20,7 +20,7 @@ pub const MAX_DEPTH: usize = 100;
 pub const MAX_NUMBER_DIGITS: usize = 1000;
 
 /// Larger items are refused, counting numbers as PostgreSQL writes them out. `jsonb` holds at
-/// most 255 MiB, and its binary form was up to six times the text (`[0,0,…]`).
+/// most 255 MiB, and its binary form measured up to six times the text (`[0,0,…]`).
 pub const MAX_ITEM_BYTES: usize = 16 << 20;
 
 /// Why `raw`, valid JSON text, cannot be stored alike by both backends, if it cannot.

@@ -1,9 +1,8 @@
 //! A pass into an empty mirror is a bulk load: the secondary indexes of the mirrored tables
 //! (PostgreSQL: and the lanes' and calls' foreign keys) are dropped when it starts and built once,
-//! sorted, at its end (SQLite: a third of a 100k backfill's database work; PostgreSQL: the per-row
-//! foreign-key checks, over a third; docs/performance.md). Each is recorded in `deferred_schema`
-//! with the statement that builds it, in the transaction that drops it, so that a load killed
-//! before its end is finished by the next pass.
+//! sorted, at its end, which costs a fraction of keeping them row by row (docs/performance.md).
+//! Each is recorded in `deferred_schema` with the statement that builds it, in the transaction
+//! that drops it, so that a load killed before its end is finished by the next pass.
 
 use std::time::Instant;
 

@@ -158,7 +158,7 @@ async fn write_procedures(
         timed("delete_replaced", tx.delete_children(&plan.replaced)).await?;
     }
     let (new, stored) = plan.rows.split_at(plan.new);
-    // One step for the metrics, as before new procedures had a statement of their own.
+    // One metrics step for both statements: `upsert_procedures` times every procedure written.
     let write = async {
         if !new.is_empty() {
             tx.insert_procedures(new, now).await?;

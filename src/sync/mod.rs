@@ -337,9 +337,9 @@ type Writing =
     tokio::task::JoinHandle<Result<(WriteStats, Option<OffsetDateTime>, Duration), StoreError>>;
 
 /// How many items gather before they are committed together. A batch touches the same B-tree
-/// pages (random ids) for all its items, so bigger batches write fewer pages per item: 3,000
-/// backfills about a third faster than 1,000 (docs/performance.md); the price is memory, two
-/// batches of items in flight, and on SQLite the pages a batch dirties.
+/// pages (random ids and names) for all its items, so bigger batches write fewer pages per
+/// item, up to about this size; larger ones gained nothing (docs/performance.md). The price is
+/// memory, two batches of items in flight, and on SQLite the pages a batch dirties.
 const COMMIT_ITEMS: usize = 3000;
 
 /// Events (a page each, mostly) queued between the readers and the writer: enough to keep the

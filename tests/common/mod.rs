@@ -3,10 +3,12 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod binary;
 pub mod pg;
 pub mod tools;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use klarify_fake::{FakeKlarify, FakeOptions, Fault, Organisation};
@@ -45,11 +47,23 @@ pub async fn database(backend: Backend) -> (SecretString, Option<tempfile::TempD
     match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("mirror.db").display());
-            (url.into(), Some(dir))
+            (sqlite_url(dir.path()).into(), Some(dir))
         }
         Backend::Postgres => (pg::fresh_database().await.into(), None),
     }
+}
+
+/// The URL of a SQLite mirror in `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("mirror.db").display())
+}
+
+/// The live procedures of the mirror at `url`, read through a store of their own.
+pub async fn mirror_at(url: &str) -> Vec<Procedure> {
+    let store = Store::open(&url.to_owned().into(), 2).await.unwrap();
+    let mirror = store.live_procedures().await.unwrap();
+    store.close().await;
+    mirror
 }
 
 /// A source, a mirror and a client wired together, with retries fast enough for tests.
@@ -285,10 +299,17 @@ pub async fn any_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
 
 /// The one integer `sql` returns, read through a connection of its own.
 pub async fn scalar(url: &SecretString, sql: &str) -> i64 {
-    let pool = any_pool(url.expose_secret()).await.unwrap();
-    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+    try_scalar(url, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// [`scalar`], or why it could not be read: no database, or no such table yet.
+pub async fn try_scalar(url: &SecretString, sql: &str) -> Result<i64, sqlx::Error> {
+    let pool = any_pool(url.expose_secret()).await?;
+    let result = sqlx::query_as(sql).fetch_one(&pool).await;
     pool.close().await;
-    n
+    result.map(|(n,)| n)
 }
 
 /// Past the plan and the first pages of every range, one request fails all its attempts (of the
@@ -316,67 +337,4 @@ pub fn insert_hostile(fake: &FakeKlarify) {
     item["id"] = "hostile-1".into();
     item["name"] = HOSTILE_NAME.into();
     fake.insert_raw(item);
-}
-
-/// What a run of the binary printed, and whether it succeeded.
-pub struct Output {
-    pub ok: bool,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Runs the `klarify-sync` binary to completion with only `env` as its environment, in an empty
-/// working directory, off the async runtime (so an in-process fake keeps serving).
-pub async fn run_binary(env: Vec<(String, String)>, args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        assert_cmd::Command::cargo_bin("klarify-sync")
-            .unwrap()
-            .env_clear()
-            .current_dir(dir.path())
-            .envs(env)
-            .args(args)
-            .timeout(Duration::from_secs(60))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `klarify-sync ARGS` against a database that holds no mirror (a missing SQLite file, an empty
-/// PostgreSQL database) says so in one line, prints nothing else and creates nothing.
-pub async fn assert_refused_without_a_mirror(backend: Backend, args: &[&str]) {
-    let (url, dir) = database(backend).await;
-    let env = vec![("DATABASE_URL".to_owned(), url.expose_secret().to_owned())];
-    let out = run_binary(env, args).await;
-    assert!(!out.ok, "{args:?} succeeded: {}", out.stdout);
-    assert!(out.stdout.is_empty(), "{}", out.stdout);
-    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
-    assert!(
-        out.stderr.contains("there is no klarify-sync mirror at")
-            && out.stderr.contains("klarify-sync --once"),
-        "{}",
-        out.stderr
-    );
-    match dir {
-        Some(dir) => assert!(
-            !dir.path().join("mirror.db").exists(),
-            "{args:?} created the SQLite file"
-        ),
-        None => {
-            let tables = scalar(
-                &url,
-                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
-            )
-            .await;
-            assert_eq!(tables, 0, "{args:?} created tables");
-        }
-    }
 }

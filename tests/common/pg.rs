@@ -50,6 +50,12 @@ pub async fn fresh_database() -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed),
         rand::random::<u32>()
     );
+    create_database(admin, &name).await;
+    with_database(admin, &name)
+}
+
+/// Creates the empty database `name` on the server that `admin` (a superuser's URL) reaches.
+async fn create_database(admin: &str, name: &str) {
     let mut conn = PgConnection::connect(admin)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL server {admin}: {e}"));
@@ -57,7 +63,6 @@ pub async fn fresh_database() -> String {
         .await
         .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
     let _ = conn.close().await;
-    with_database(admin, &name)
 }
 
 async fn admin_url() -> String {
@@ -445,13 +450,7 @@ impl PrivateCluster {
 
     /// Creates an empty database and returns its URL; the cluster must be running.
     pub async fn create_database(&self, db: &str) -> String {
-        let mut conn = PgConnection::connect(&self.url("postgres"))
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to the private cluster: {e}"));
-        conn.execute(format!(r#"CREATE DATABASE "{db}""#).as_str())
-            .await
-            .unwrap_or_else(|e| panic!("cannot create database {db}: {e}"));
-        let _ = conn.close().await;
+        create_database(&self.url("postgres"), db).await;
         self.url(db)
     }
 

@@ -1,6 +1,7 @@
-//! PostgreSQL: production. Rows are written by `UNNEST` of typed arrays, one statement per
-//! table per batch; timestamps are `timestamptz` but for the cursor columns, which are text in
-//! the watermark's form on both backends.
+//! PostgreSQL: production. Added rows (new procedures, every lane and call) are written by
+//! `COPY`, the rest by `UNNEST` of typed arrays, a statement per table for every 1,000
+//! procedures; timestamps are `timestamptz` but for the cursor columns, which are text in the
+//! watermark's form on both backends.
 
 mod tx;
 

@@ -77,7 +77,7 @@ impl SqliteBackend {
             .pragma("soft_heap_limit", "16777216")
             // A batch dirties thousands of pages (random ids and names land all over the
             // indexes keyed by them), more than the default checkpoint threshold of 1,000
-            // pages: every commit then paid a checkpoint with two fsyncs. The checkpoints run
+            // pages: every commit would pay a checkpoint with two fsyncs. The checkpoints run
             // on a read connection instead, after each commit, while the writer goes on; the
             // writer's own, past 20,000 pages (80 MiB of WAL), only bounds the WAL.
             .pragma("wal_autocheckpoint", "20000");
@@ -110,8 +110,8 @@ impl Backend for SqliteBackend {
     // for all of it keeps that table's pages hot (docs/performance.md).
     const BATCH_ITEMS: usize = usize::MAX;
     // The indexes keyed by names and ids outgrow the page cache: kept row by row from early in
-    // a 100k load, they cost four times the system time, and the writer becomes the bound even
-    // at 50 ms a request; built when 85% was read, no faster than at the end (docs/performance.md).
+    // a load, they cost several times the system time and make the writer the bound even at
+    // 50 ms a request; built late in the load, they save nothing (docs/performance.md).
     const INDEXES_KEPT_CHEAPLY: bool = false;
 
     sql::backend_common!();
