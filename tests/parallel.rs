@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_watermark_not_ahead, Backend, Env};
-use klarify_fake::{Churn, Organisation};
+use klarify_fake::{Churn, Fault, Organisation};
 use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::sync::Mode;
 
@@ -15,6 +15,7 @@ on_both_backends!(
     ranges_are_read_in_parallel_up_to_the_concurrency,
     churn_and_bulk_edits_during_a_parallel_pass_lose_nothing,
     a_failing_range_keeps_the_watermark_before_it,
+    readers_out_of_ranges_split_the_one_left_behind_and_lose_nothing,
     the_request_rate_is_capped,
 );
 
@@ -90,6 +91,38 @@ async fn churn_and_bulk_edits_during_a_parallel_pass_lose_nothing(backend: Backe
         let newest = env.source().iter().map(|p| p.updated_at).max();
         assert_eq!(env.store.watermark().await.unwrap(), newest, "{context}");
     }
+}
+
+/// One reader held up at the start of its range while the other runs out of ranges: the idle
+/// one splits what is left of the held-up range and reads the far part, while the source
+/// changes, and the pass still loses nothing and keeps its watermark behind what it has not read.
+async fn readers_out_of_ranges_split_the_one_left_behind_and_lose_nothing(backend: Backend) {
+    let env = large_env(backend, 62, 2).await;
+    // Two readers, four ranges of 500: the plan takes the first page and three samples, then
+    // each reader asks for a page of its first range; the second of those hangs, for longer
+    // than the other reader takes to read the three other ranges.
+    env.fake.inject(Fault::Hang(Duration::ZERO), 5);
+    env.fake.inject(Fault::Hang(Duration::from_secs(2)), 1);
+    env.fake.churn_every(
+        7,
+        Churn {
+            edits: 2,
+            inserts: 1,
+            ..Churn::default()
+        },
+    );
+    let outcome = env.pass(Mode::Backfill).await;
+    let (mirror, source) = (env.mirror().await, env.source());
+    let committed = common::committed(&env.store).await;
+    assert_watermark_not_ahead(&committed, &mirror, &source, "after a pass with splits");
+    let report = outcome.unwrap();
+    assert!(
+        report.ranges_split > 0,
+        "no range was split while a reader waited: {report:?}"
+    );
+    env.fake.churn_every(0, Churn::default());
+    env.pass(Mode::Incremental).await.unwrap();
+    env.assert_mirror_equals_source().await;
 }
 
 async fn a_failing_range_keeps_the_watermark_before_it(backend: Backend) {

@@ -2,6 +2,8 @@
 //! how a pass splits into ranges of `updated_at`, and how far the stored watermark may follow
 //! ranges that finish out of order.
 
+use std::collections::BTreeMap;
+
 use time::{Duration, OffsetDateTime};
 
 use crate::klarify::{untrusted, Procedure};
@@ -77,46 +79,78 @@ pub fn range_starts(
 }
 
 /// How far each range has been read. Ranges are read in parallel and finish in any order; the
-/// stored watermark may only cover what is read without a gap from the pass's start.
+/// stored watermark may only cover what is read without a gap from the pass's start. A range is
+/// known by its start and says where it ends, so that the part split off a range while it is
+/// read (ranges.rs) holds the watermark from the moment its old range reports the shorter end,
+/// whichever of the two the writer hears from first.
 #[derive(Debug)]
 pub struct Frontier {
-    ranges: Vec<RangeProgress>,
+    ranges: BTreeMap<Option<OffsetDateTime>, RangeProgress>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct RangeProgress {
+    /// Where the range ends; `None` for the open one, the newest.
+    end: Option<OffsetDateTime>,
     /// Every item of the range up to here has been read.
     reached: Option<OffsetDateTime>,
     finished: bool,
 }
 
 impl Frontier {
+    /// Ranges starting at `starts`, in time order, each ending where the next starts.
     pub fn new(starts: &[Option<OffsetDateTime>]) -> Self {
+        let ends = starts.iter().skip(1).copied().chain([None]);
         let ranges = starts
             .iter()
-            .map(|&reached| RangeProgress {
-                reached,
-                finished: false,
+            .zip(ends)
+            .map(|(&start, end)| {
+                let progress = RangeProgress {
+                    end,
+                    reached: start,
+                    finished: false,
+                };
+                (start, progress)
             })
             .collect();
         Self { ranges }
     }
 
-    /// Range `range` has been read up to `at`, and completely when `finished`.
-    pub fn reach(&mut self, range: usize, at: Option<OffsetDateTime>, finished: bool) {
-        let r = &mut self.ranges[range];
+    /// The range `(start, end]` has been read up to `at`, and completely when `finished`.
+    pub fn reach(
+        &mut self,
+        start: Option<OffsetDateTime>,
+        end: Option<OffsetDateTime>,
+        at: Option<OffsetDateTime>,
+        finished: bool,
+    ) {
+        let r = self.ranges.entry(start).or_insert(RangeProgress {
+            end,
+            reached: start,
+            finished: false,
+        });
+        r.end = end;
         r.reached = r.reached.max(at);
         r.finished |= finished;
     }
 
     /// The newest instant up to which everything has been read: the end of the finished
-    /// ranges at the front, and as far as the first unfinished one has got.
+    /// ranges at the front, each starting where the one before ends, and as far as the first
+    /// unfinished one has got.
     pub fn watermark(&self) -> Option<OffsetDateTime> {
         let mut watermark = None;
-        for r in &self.ranges {
+        let mut next = self.ranges.keys().next().copied().flatten();
+        for (&start, r) in &self.ranges {
+            if start != next {
+                break;
+            }
             watermark = watermark.max(r.reached);
             if !r.finished {
                 break;
+            }
+            match r.end {
+                Some(end) => next = Some(end),
+                None => break,
             }
         }
         watermark
@@ -187,19 +221,42 @@ mod tests {
         let mut frontier = Frontier::new(&[None, t(10), t(20)]);
         assert_eq!(frontier.watermark(), None);
         // Later ranges finishing first move nothing.
-        frontier.reach(1, t(20), true);
-        frontier.reach(2, t(25), false);
+        frontier.reach(t(10), t(20), t(20), true);
+        frontier.reach(t(20), None, t(25), false);
         assert_eq!(frontier.watermark(), None);
-        frontier.reach(0, t(4), false);
+        frontier.reach(None, t(10), t(4), false);
         assert_eq!(frontier.watermark(), t(4));
         // Once the front range finishes, the watermark runs on to the first unfinished one.
-        frontier.reach(0, t(10), true);
+        frontier.reach(None, t(10), t(10), true);
         assert_eq!(frontier.watermark(), t(25));
-        frontier.reach(2, t(30), true);
+        frontier.reach(t(20), None, t(30), true);
         assert_eq!(frontier.watermark(), t(30));
         // A range never goes back.
-        frontier.reach(2, t(1), false);
+        frontier.reach(t(20), None, t(1), false);
         assert_eq!(frontier.watermark(), t(30));
+    }
+
+    #[test]
+    fn a_range_split_while_read_holds_the_watermark_until_both_parts_are_read() {
+        let t = |s: u8| Some(datetime!(2024-01-01 00:00:00 UTC) + Duration::seconds(s.into()));
+        let mut frontier = Frontier::new(&[t(0), t(10)]);
+        frontier.reach(t(10), None, t(20), true);
+        frontier.reach(t(0), t(10), t(2), false);
+        // (0, 10] is split at 6: its reader now ends at 6 and finishes before the reader of
+        // (6, 10] has said anything: nothing past 6 is read for sure.
+        frontier.reach(t(0), t(6), t(6), true);
+        assert_eq!(frontier.watermark(), t(6));
+        frontier.reach(t(6), t(10), t(8), false);
+        assert_eq!(frontier.watermark(), t(8));
+        frontier.reach(t(6), t(10), t(10), true);
+        assert_eq!(frontier.watermark(), t(20));
+        // The part split off may report first, even finished: the watermark still waits for
+        // the range it came from.
+        let mut frontier = Frontier::new(&[t(0)]);
+        frontier.reach(t(6), None, t(10), true);
+        assert_eq!(frontier.watermark(), t(0));
+        frontier.reach(t(0), t(6), t(6), true);
+        assert_eq!(frontier.watermark(), t(10));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod cursor;
 mod pacing;
+mod ranges;
 mod read;
 mod tie;
 
@@ -97,6 +98,9 @@ pub struct PassReport {
     /// A bulk load that Klarify kept waiting, which built its indexes as soon as that showed,
     /// while its readers waited (pacing.rs), rather than at its end.
     pub early_index_build: bool,
+    /// Ranges split off while the pass read, for readers that had run out of ranges
+    /// (ranges.rs).
+    pub ranges_split: u64,
     /// Tie groups not proven read completely when the pass ended, earlier passes' included.
     pub unproven_groups: u64,
     /// Live procedures dated after the pass's start plus `sync.max_future_skew`.
@@ -283,6 +287,7 @@ async fn locked_pass(
         duration: started.elapsed(),
         bulk_load: bulk,
         early_index_build: pass.early_index_build,
+        ranges_split: reader.splits.into_inner(),
         unproven_groups: doubts.unproven_groups,
         future_dated: doubts.future_dated,
     })
@@ -421,9 +426,10 @@ impl Pass<'_> {
                 }
                 Event::Reached {
                     range,
+                    end,
                     at,
                     finished,
-                } => self.frontier.reach(range, at, finished),
+                } => self.frontier.reach(range, end, at, finished),
                 Event::Unproven(group) => self.pending.unproven.push(group),
                 Event::Proven(at) => self.pending.proven.push(at),
             }
@@ -523,6 +529,7 @@ impl PassReport {
             watermark = self.watermark_after.map(crate::klarify::format_instant),
             bulk_load = self.bulk_load,
             early_index_build = self.early_index_build,
+            ranges_split = self.ranges_split,
             "sync pass succeeded"
         );
     }

@@ -2,7 +2,7 @@
 //! cursor, and sends what it reads, in order per range, to the writing side (docs/sync.md).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::cursor::{check_order, range_starts, step, Step, TICK};
+use super::ranges::{Next, Ranges, Task};
 use super::tie::GroupRead;
 use super::{Progress, SyncError, SyncOptions};
 use crate::klarify::{KlarifyClient, KlarifyError, Page, PageQuery, Procedure, Rejected};
@@ -26,9 +27,11 @@ pub(super) enum Event {
         rejected: Vec<Rejected>,
         held: OwnedSemaphorePermit,
     },
-    /// Every item of range `range` up to `at` has been sent; all of them when `finished`.
+    /// Every item of the range `(range, end]` up to `at` has been sent; all of them when
+    /// `finished`. A range's end moves back when it is split (ranges.rs).
     Reached {
-        range: usize,
+        range: Option<OffsetDateTime>,
+        end: Option<OffsetDateTime>,
         at: Option<OffsetDateTime>,
         finished: bool,
     },
@@ -76,6 +79,8 @@ pub(super) struct Reader<'a> {
     pub pages: AtomicU64,
     pub fetched: AtomicU64,
     pub rejected: AtomicU64,
+    /// Ranges split off while the pass read (ranges.rs).
+    pub splits: AtomicU64,
     /// Items per page as the server serves them: `klarify.page_size`, or fewer once a first page
     /// showed that the server caps its pages silently.
     page_size: AtomicU32,
@@ -108,6 +113,7 @@ impl<'a> Reader<'a> {
             pages: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            splits: AtomicU64::new(0),
             page_size: AtomicU32::new(client.page_size().max(1)),
             whole_group_size: AtomicU32::new(options.tie_group_page_size),
             requests_left: AtomicU64::new(REQUESTS_BASE),
@@ -163,40 +169,35 @@ impl<'a> Reader<'a> {
             self.reverify(at, &events).await?;
         }
         let Plan { first, starts } = plan;
-        let last = starts.len() - 1;
+        let expected = self.progress.total.load(Ordering::Relaxed) / starts.len() as u64;
+        let min_split = MIN_PAGES_PER_RANGE * u64::from(self.page_size());
+        let ranges = Ranges::new(&starts, expected, min_split);
         let first = Mutex::new(Some(first));
-        let last_end = Mutex::new(None);
-        let next = AtomicUsize::new(0);
         let reader = || async {
-            loop {
-                let range = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&start) = starts.get(range) else {
-                    return Ok(());
-                };
-                let end = starts.get(range + 1).copied().flatten();
-                let first = if range == 0 {
+            while let Some(task) = self.next_range(&ranges).await? {
+                let first = if task.slot == 0 {
                     first.lock().expect("not poisoned").take()
                 } else {
                     None
                 };
                 let started = std::time::Instant::now();
-                let result = self.read_range(range, start, end, first, &events).await;
+                let result = self.read_range(&ranges, task, first, &events).await;
                 // How evenly the ranges split the reading (docs/performance.md).
                 tracing::debug!(
-                    range,
+                    range = task.slot,
                     ok = result.is_ok(),
                     duration_ms = started.elapsed().as_millis() as u64,
                     "range read"
                 );
                 match result {
-                    Ok(ended) if range == last => *last_end.lock().expect("not poisoned") = ended,
-                    Ok(_) => {}
+                    Ok(ended) => ranges.finish(task.slot, ended),
                     Err(e) => {
                         self.stop.cancel();
                         return Err(e);
                     }
                 }
             }
+            Ok(())
         };
         let readers = self.client.concurrency().min(starts.len());
         let results = futures::future::join_all((0..readers).map(|_| reader())).await;
@@ -210,32 +211,69 @@ impl<'a> Reader<'a> {
             }
         }
         outcome?;
-        if last > 0 {
-            let ended = last_end.into_inner().expect("not poisoned");
-            self.read_range(last, ended, None, None, &events).await?;
+        if starts.len() > 1 {
+            self.read_range(&ranges, ranges.read_on(), None, &events)
+                .await?;
         }
         Ok(())
     }
 
-    /// Pages through `(start, end]` with its own cursor (docs/sync.md, "The cursor"); returns
-    /// where it ended.
+    /// The next range to read: a queued one, or one split off for this reader from the range
+    /// with the most left to read; `None` once every range has been read.
+    async fn next_range(&self, ranges: &Ranges) -> Result<Option<Task>, SyncError> {
+        loop {
+            let changed = ranges.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match ranges.next() {
+                Next::Read(task) => return Ok(Some(task)),
+                Next::Done => return Ok(None),
+                Next::Split {
+                    slot,
+                    after,
+                    offset,
+                } => {
+                    let offset = u32::try_from(offset).unwrap_or(u32::MAX);
+                    ranges.offer(slot, self.sample(after, offset).await?);
+                }
+                Next::Wait => {}
+            }
+            tokio::select! {
+                () = changed => {}
+                () = self.stop.cancelled() => return Err(SyncError::Interrupted),
+            }
+        }
+    }
+
+    /// Pages through the task's range with its own cursor (docs/sync.md, "The cursor"), taking
+    /// offers to split it between pages; returns where it ended.
     async fn read_range(
         &self,
-        range: usize,
-        start: Option<OffsetDateTime>,
-        end: Option<OffsetDateTime>,
+        ranges: &Ranges,
+        task: Task,
         mut first: Option<Page>,
         events: &mpsc::Sender<Event>,
     ) -> Result<Option<OffsetDateTime>, SyncError> {
-        let mut cursor = start;
+        let Task {
+            slot,
+            key: range,
+            from: mut cursor,
+            mut end,
+        } = task;
         loop {
+            if let Some(at) = ranges.take_offer(slot, cursor) {
+                self.splits.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(range = slot, %at, "range split");
+                end = Some(at);
+            }
             let page = match first.take() {
                 Some(page) => page,
                 None => self.fetch(0, cursor).await?,
             };
             check_order(&page.items, cursor).map_err(SyncError::Unordered)?;
-            let reached = |at, finished| Event::Reached {
+            let reached = move |at, finished| Event::Reached {
                 range,
+                end,
                 at,
                 finished,
             };
@@ -254,9 +292,11 @@ impl<'a> Reader<'a> {
                     return Ok(ended);
                 }
                 Step::Advance(next) => {
+                    let items = page.items.len() as u64;
                     self.send_items(events, page, end).await?;
                     send(events, reached(Some(next), false)).await?;
                     cursor = Some(next);
+                    ranges.progress(slot, cursor, items);
                 }
                 Step::TieGroup(at) => {
                     if let Some(group) = self.read_tie_group(cursor, at, end, page, events).await? {
@@ -264,6 +304,7 @@ impl<'a> Reader<'a> {
                     }
                     send(events, reached(Some(at), false)).await?;
                     cursor = Some(at);
+                    ranges.progress(slot, cursor, 0);
                 }
                 Step::Stuck => {
                     self.send_items(events, page, end).await?;
