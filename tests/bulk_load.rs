@@ -135,10 +135,11 @@ async fn a_failed_bulk_load_builds_its_indexes_all_the_same(backend: Backend) {
 async fn a_load_klarify_keeps_waiting_builds_its_indexes_early_where_that_is_cheap(
     backend: Backend,
 ) {
-    // Five batches of 3,000, each received in about a second (30 pages, 8 at a time): a
-    // writer needs a tenth of that.
+    // Five batches of 3,000, each received in about two seconds (30 pages, 8 at a time): a
+    // writer needs a fraction of that, under half of it even on a 2-core machine loaded by a
+    // whole test run, which a shorter latency would not leave room for.
     let slow = FakeOptions {
-        latency: std::time::Duration::from_millis(250),
+        latency: std::time::Duration::from_millis(500),
         ..FakeOptions::default()
     };
     let env = Env::with_options(backend, Organisation::generate(85, 15_000), slow, 100).await;
