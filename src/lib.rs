@@ -5,6 +5,7 @@
 //! [`daemon`]. [`fake`] is a faithful stand-in for the Klarify API, shared by the tests,
 //! the benchmarks and `--demo`.
 
+pub mod app;
 pub mod config;
 pub mod daemon;
 pub mod demo;
