@@ -89,13 +89,15 @@ struct NotReady {
 }
 
 impl NotReady {
-    /// `fields` (an object) with the reason first.
-    fn new(reason: Reason, fields: serde_json::Value) -> Self {
-        let mut body = json!({ "reason": reason });
-        if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), fields) {
-            body.extend(fields);
-        }
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        let body = json!({ "reason": reason, "detail": detail.into() });
         Self { reason, body }
+    }
+
+    /// The body with one more field.
+    fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.body[key] = json!(value);
+        self
     }
 }
 
@@ -184,10 +186,7 @@ impl Readiness {
                 .clone();
             let detail =
                 detail.map_or_else(|| "the database is not open yet".to_owned(), |(_, d)| d);
-            return Err(NotReady::new(
-                Reason::DatabaseDown,
-                json!({ "detail": detail }),
-            ));
+            return Err(NotReady::new(Reason::DatabaseDown, detail));
         };
         let ping = tokio::time::timeout(Duration::from_secs(2), async {
             store.ping().await?;
@@ -197,22 +196,12 @@ impl Readiness {
         let unproven = match ping {
             Ok(Ok(unproven)) => unproven,
             Ok(Err(e @ StoreError::Schema { .. })) => {
-                return Err(NotReady::new(
-                    Reason::SchemaMismatch,
-                    json!({ "detail": e.to_string() }),
-                ))
+                return Err(NotReady::new(Reason::SchemaMismatch, e.to_string()))
             }
-            Ok(Err(e)) => {
-                return Err(NotReady::new(
-                    Reason::DatabaseDown,
-                    json!({ "detail": e.to_string() }),
-                ))
-            }
+            Ok(Err(e)) => return Err(NotReady::new(Reason::DatabaseDown, e.to_string())),
             Err(_) => {
-                return Err(NotReady::new(
-                    Reason::DatabaseDown,
-                    json!({ "detail": "the database did not answer within 2s" }),
-                ))
+                let detail = "the database did not answer within 2s";
+                return Err(NotReady::new(Reason::DatabaseDown, detail));
             }
         };
         // Read under changes, a group is proven by a later pass; one that stays unproven this
@@ -220,41 +209,28 @@ impl Readiness {
         let oldest = unproven.iter().map(|g| g.recorded_at).min();
         let overdue = oldest.is_some_and(|at| OffsetDateTime::now_utc() - at > self.max_unproven);
         if overdue {
-            return Err(NotReady::new(
-                Reason::UnprovenTieGroup,
-                json!({
-                    "detail": format!("a group of procedures sharing one updated_at has not been proven read completely for longer than health.max_unproven_secs ({}s): members may be missing from the mirror; see `klarify-sync status`", self.max_unproven.as_secs()),
-                    "unproven_tie_groups": unproven.len(),
-                    "oldest_unproven_since": oldest.map(crate::klarify::format_instant),
-                }),
-            ));
+            let detail = format!("a group of procedures sharing one updated_at has not been proven read completely for longer than health.max_unproven_secs ({}s): members may be missing from the mirror; see `klarify-sync status`", self.max_unproven.as_secs());
+            return Err(NotReady::new(Reason::UnprovenTieGroup, detail)
+                .with("unproven_tie_groups", unproven.len())
+                .with("oldest_unproven_since", oldest.map(format_instant)));
         }
         let h = self.health.lock().expect("health lock poisoned");
         let last_success = h.last_success.map(format_instant);
         if let Some((reason, detail)) = &h.failure {
-            return Err(NotReady::new(
-                *reason,
-                json!({
-                    "detail": detail,
-                    "since": h.failing_since.map(format_instant),
-                    "last_success": last_success,
-                }),
-            ));
+            return Err(NotReady::new(*reason, detail.as_str())
+                .with("since", h.failing_since.map(format_instant))
+                .with("last_success", last_success));
         }
         let Some(at) = h.last_success else {
-            return Err(NotReady::new(
-                Reason::NeverSynced,
-                json!({ "detail": "no sync pass has succeeded yet" }),
-            ));
+            let detail = "no sync pass has succeeded yet";
+            return Err(NotReady::new(Reason::NeverSynced, detail));
         };
         if OffsetDateTime::now_utc() - at > self.max_staleness {
-            return Err(NotReady::new(
-                Reason::Stale,
-                json!({
-                    "detail": format!("the last successful pass is older than health.max_staleness_secs ({}s)", self.max_staleness.as_secs()),
-                    "last_success": last_success,
-                }),
-            ));
+            let detail = format!(
+                "the last successful pass is older than health.max_staleness_secs ({}s)",
+                self.max_staleness.as_secs()
+            );
+            return Err(NotReady::new(Reason::Stale, detail).with("last_success", last_success));
         }
         Ok(json!({
             "status": "ready",
