@@ -157,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let source = demo::start().await?;
         settings.klarify.base_url = source.base_url().parse()?;
         settings.klarify.access_key = Some(source.access_key().into());
+        // Its own file, unless one is set.
         settings.database.url = Some(settings.database_url(true));
         settings.schedule.cron = demo::CRON.clone();
         settings.schedule.backfill_cron = Some(demo::BACKFILL_CRON.clone());
