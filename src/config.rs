@@ -16,6 +16,8 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::klarify::ClientSettings;
+use crate::schedule::{self, Cron};
+use crate::sync::SyncOptions;
 
 const BUILT_IN: &str = include_str!("../config/default.toml");
 const ON_DISK: &str = "config/default.toml";
@@ -61,9 +63,10 @@ pub struct HttpSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ScheduleSettings {
-    pub cron: String,
-    /// Empty: no scheduled reconciliation.
-    pub backfill_cron: String,
+    pub cron: Cron,
+    /// When to run a full reconciliation; written `""` for never.
+    #[serde(deserialize_with = "schedule::optional")]
+    pub backfill_cron: Option<Cron>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +133,27 @@ fn without_quoted_lines(error: config::ConfigError) -> config::ConfigError {
     }
 }
 
+/// The keys whose values are parsed as they are read (cron expressions).
+const PARSED_KEYS: [&str; 2] = ["schedule.cron", "schedule.backfill_cron"];
+
+/// serde reports a value that does not parse as "REASON for key `KEY`"; this shows it key first,
+/// as [`Settings::validate`] shows what it refuses.
+fn key_first(error: config::ConfigError) -> ConfigError {
+    if let config::ConfigError::At {
+        error: inner,
+        key: Some(key),
+        ..
+    } = &error
+    {
+        if let (config::ConfigError::Message(reason), Some(key)) =
+            (&**inner, PARSED_KEYS.iter().find(|k| *k == key))
+        {
+            return invalid(key, reason.clone());
+        }
+    }
+    error.into()
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -174,7 +198,8 @@ impl Settings {
             )
             .build()
             .map_err(without_quoted_lines)?
-            .try_deserialize()?;
+            .try_deserialize()
+            .map_err(key_first)?;
         settings.with_key_file(env)
     }
 
@@ -263,12 +288,6 @@ impl Settings {
                 "must not exceed sync.overlap_secs",
             ));
         }
-        crate::schedule::parse_cron(&self.schedule.cron)
-            .map_err(|reason| invalid("schedule.cron", reason))?;
-        if !self.schedule.backfill_cron.is_empty() {
-            crate::schedule::parse_cron(&self.schedule.backfill_cron)
-                .map_err(|reason| invalid("schedule.backfill_cron", reason))?;
-        }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| invalid("log.filter", e.to_string()))?;
         Ok(())
@@ -284,6 +303,17 @@ impl Settings {
             }
             .into()
         })
+    }
+
+    pub fn sync_options(&self) -> SyncOptions {
+        let s = &self.sync;
+        SyncOptions {
+            overlap: Duration::from_secs(s.overlap_secs),
+            max_delete_share: s.max_delete_share,
+            tie_group_rounds: s.tie_group_rounds,
+            tie_group_page_size: s.tie_group_page_size,
+            max_future_skew: Duration::from_secs(s.max_future_skew_secs),
+        }
     }
 
     pub fn client_settings(&self) -> ClientSettings {
@@ -497,7 +527,7 @@ mod tests {
         .unwrap();
         let s = Settings::load(Some(&path), &env(&[])).unwrap();
         assert_eq!(s.klarify.page_size, 20);
-        assert_eq!(s.schedule.cron, "*/10 * * * *");
+        assert_eq!(s.schedule.cron, "*/10 * * * *".parse().unwrap());
         let s = Settings::load(
             Some(&path),
             &env(&[("KLARIFY_SYNC__KLARIFY__PAGE_SIZE", "30")]),
@@ -612,6 +642,24 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{pairs:?}: {err}");
         }
+    }
+
+    /// Schedules are parsed as they are read; one that does not parse is shown key first, like
+    /// every other refused value.
+    #[test]
+    fn schedules_are_parsed_as_read() {
+        let backfill = |pairs: &[(&str, &str)]| load(pairs).map(|s| s.schedule.backfill_cron);
+        assert_eq!(
+            backfill(&[]).unwrap(),
+            Some("0 30 3 * * *".parse().unwrap())
+        );
+        let off = [("KLARIFY_SYNC__SCHEDULE__BACKFILL_CRON", "")];
+        assert_eq!(backfill(&off).unwrap(), None);
+        let bad = [("KLARIFY_SYNC__SCHEDULE__BACKFILL_CRON", "sometimes")];
+        assert_eq!(
+            backfill(&bad).unwrap_err().to_string(),
+            "configuration: `schedule.backfill_cron` \"sometimes\" is not a cron expression: expected 5 fields (minute hour day month weekday) or 6 (with seconds first), e.g. \"*/5 * * * *\""
+        );
     }
 
     #[test]

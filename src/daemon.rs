@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{router, serve, HttpLimits, PageSettings, Readiness};
 use crate::klarify::KlarifyClient;
+use crate::schedule::Cron;
 use crate::store::{LockGuard, LockKind, Store, StoreError};
 use crate::sync::{run_pass, Mode, PassReport, SyncError, SyncOptions};
 
@@ -71,17 +72,16 @@ impl Pass for SyncPass {
     }
 }
 
-/// Everything the daemon needs, built by `main` (or a test) from the settings.
+/// Everything the daemon needs, built from the settings by [`crate::app`].
 pub struct Daemon<P = SyncPass> {
     pub pass: P,
     /// Opened (and migrated) by the daemon itself, retried until the database answers, so that
     /// a database that is down at start is reported by `/readyz` instead of ending the process.
     pub database_url: SecretString,
     pub max_connections: u32,
-    /// 6-field cron, as returned by [`crate::schedule::parse_cron`].
-    pub cron: String,
+    pub cron: Cron,
     /// When to run a full reconciliation (a backfill, deletions included); `None`: never.
-    pub backfill_cron: Option<String>,
+    pub backfill_cron: Option<Cron>,
     pub max_staleness: Duration,
     /// How long a tie group may stay unproven before `/readyz` says so.
     pub max_unproven: Duration,
@@ -422,13 +422,13 @@ fn backoff((first, longest): (Duration, Duration)) -> ExponentialBackoff {
 /// Adds a cron job that wakes the sync loop, first marking a backfill due when `due` is given.
 async fn add_job(
     scheduler: &mut JobScheduler,
-    cron: &str,
+    cron: &Cron,
     ticks: &Arc<Notify>,
     due: Option<Arc<AtomicBool>>,
 ) -> Result<(), DaemonError> {
     let job = {
         let ticks = ticks.clone();
-        Job::new_async(cron, move |_, _| {
+        Job::new_async(cron.as_str(), move |_, _| {
             let (ticks, due) = (ticks.clone(), due.clone());
             Box::pin(async move {
                 if let Some(due) = due {

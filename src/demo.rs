@@ -2,15 +2,22 @@
 //! so that a newcomer sees a whole sync work with no key and no network.
 
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use crate::schedule::Cron;
 use crate::store::redact_url;
 use klarify_fake::{Churn, FakeKlarify, FakeOptions, Organisation};
 
 /// Every 10 seconds, so edits made by the demo's churn show up quickly.
-pub const CRON: &str = "*/10 * * * * *";
+pub static CRON: LazyLock<Cron> = LazyLock::new(|| cron("*/10 * * * * *"));
 /// Every minute, so deletions show up too.
-pub const BACKFILL_CRON: &str = "0 * * * * *";
+pub static BACKFILL_CRON: LazyLock<Cron> = LazyLock::new(|| cron("0 * * * * *"));
+
+fn cron(expr: &str) -> Cron {
+    expr.parse()
+        .expect("the demo's schedule is a valid cron expression")
+}
 
 const PROCEDURES: usize = 250;
 

@@ -21,22 +21,97 @@ use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::klarify::{format_instant, KlarifyError};
+use crate::schedule::Cron;
 use crate::store::{Store, StoreError};
 use crate::sync::SyncError;
+
+/// Why `/readyz` answers 503: its `reason`, a stable name for scripts and alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "&'static str")]
+pub enum Reason {
+    KeyRejected,
+    ApiUnreachable,
+    ApiInconsistent,
+    DatabaseDown,
+    DatabaseError,
+    SchemaMismatch,
+    ShuttingDown,
+    /// A pass panicked: a bug.
+    InternalError,
+    /// Another instance leads.
+    Standby,
+    NeverSynced,
+    Stale,
+    UnprovenTieGroup,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KeyRejected => "key_rejected",
+            Self::ApiUnreachable => "api_unreachable",
+            Self::ApiInconsistent => "api_inconsistent",
+            Self::DatabaseDown => "database_down",
+            Self::DatabaseError => "database_error",
+            Self::SchemaMismatch => "schema_mismatch",
+            Self::ShuttingDown => "shutting_down",
+            Self::InternalError => "internal_error",
+            Self::Standby => "standby",
+            Self::NeverSynced => "never_synced",
+            Self::Stale => "stale",
+            Self::UnprovenTieGroup => "unproven_tie_group",
+        }
+    }
+}
+
+impl From<Reason> for &'static str {
+    fn from(reason: Reason) -> Self {
+        reason.as_str()
+    }
+}
+
+/// What this instance does about the leader lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// It has not tried to take the lock yet.
+    #[default]
+    Starting,
+    /// It holds the lock: it runs the schedule.
+    Leader,
+    /// Another instance holds it; this one takes over if that one stops.
+    Standby,
+}
+
+/// A 503 from `/readyz`: why, and the body that says so.
+struct NotReady {
+    reason: Reason,
+    body: serde_json::Value,
+}
+
+impl NotReady {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        let body = json!({ "reason": reason, "detail": detail.into() });
+        Self { reason, body }
+    }
+
+    /// The body with one more field.
+    fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.body[key] = json!(value);
+        self
+    }
+}
 
 /// What the sync loop last reported; `/readyz` judges it.
 #[derive(Debug, Default)]
 struct SyncHealth {
     last_success: Option<OffsetDateTime>,
-    /// The reason code and message of the last pass, when it failed.
-    failure: Option<(&'static str, String)>,
+    /// Why the last pass failed, and its message.
+    failure: Option<(Reason, String)>,
     /// When passes started failing, for "API unreachable since T".
     failing_since: Option<OffsetDateTime>,
     /// When the pass running now started.
     running_since: Option<OffsetDateTime>,
-    /// Whether this instance has taken the leader lock (`Some(true)`) or found another holding
-    /// it (`Some(false)`); `None` until it tried.
-    leads: Option<bool>,
+    role: Role,
 }
 
 /// Shared between the sync loop (writer) and the HTTP handlers (readers).
@@ -67,7 +142,7 @@ impl Readiness {
     pub fn pass_started(&self) {
         let mut h = self.health.lock().expect("health lock poisoned");
         h.running_since = Some(OffsetDateTime::now_utc());
-        h.leads = Some(true);
+        h.role = Role::Leader;
     }
 
     pub fn pass_succeeded(&self) {
@@ -83,25 +158,25 @@ impl Readiness {
     }
 
     pub fn pass_panicked(&self, message: &str) {
-        self.not_ready("internal_error", message.to_owned());
+        self.not_ready(Reason::InternalError, message.to_owned());
     }
 
     /// Another instance holds the leader lock: this one waits to take over.
     pub fn standby(&self) {
         let detail =
             "another klarify-sync instance leads on this database; this one takes over if it stops";
-        self.not_ready("standby", detail.to_owned());
-        self.health.lock().expect("health lock poisoned").leads = Some(false);
+        self.not_ready(Reason::Standby, detail.to_owned());
+        self.health.lock().expect("health lock poisoned").role = Role::Standby;
     }
 
-    fn not_ready(&self, reason: &'static str, detail: String) {
+    fn not_ready(&self, reason: Reason, detail: String) {
         let mut h = self.health.lock().expect("health lock poisoned");
         h.running_since = None;
         h.failure = Some((reason, detail));
         h.failing_since.get_or_insert_with(OffsetDateTime::now_utc);
     }
 
-    async fn check(&self) -> Result<serde_json::Value, serde_json::Value> {
+    async fn check(&self) -> Result<serde_json::Value, NotReady> {
         let Some(store) = self.store.get() else {
             let detail = self
                 .health
@@ -111,7 +186,7 @@ impl Readiness {
                 .clone();
             let detail =
                 detail.map_or_else(|| "the database is not open yet".to_owned(), |(_, d)| d);
-            return Err(json!({"reason": "database_down", "detail": detail}));
+            return Err(NotReady::new(Reason::DatabaseDown, detail));
         };
         let ping = tokio::time::timeout(Duration::from_secs(2), async {
             store.ping().await?;
@@ -121,13 +196,12 @@ impl Readiness {
         let unproven = match ping {
             Ok(Ok(unproven)) => unproven,
             Ok(Err(e @ StoreError::Schema { .. })) => {
-                return Err(json!({"reason": "schema_mismatch", "detail": e.to_string()}))
+                return Err(NotReady::new(Reason::SchemaMismatch, e.to_string()))
             }
-            Ok(Err(e)) => return Err(json!({"reason": "database_down", "detail": e.to_string()})),
+            Ok(Err(e)) => return Err(NotReady::new(Reason::DatabaseDown, e.to_string())),
             Err(_) => {
-                return Err(
-                    json!({"reason": "database_down", "detail": "the database did not answer within 2s"}),
-                )
+                let detail = "the database did not answer within 2s";
+                return Err(NotReady::new(Reason::DatabaseDown, detail));
             }
         };
         // Read under changes, a group is proven by a later pass; one that stays unproven this
@@ -135,34 +209,28 @@ impl Readiness {
         let oldest = unproven.iter().map(|g| g.recorded_at).min();
         let overdue = oldest.is_some_and(|at| OffsetDateTime::now_utc() - at > self.max_unproven);
         if overdue {
-            return Err(json!({
-                "reason": "unproven_tie_group",
-                "detail": format!("a group of procedures sharing one updated_at has not been proven read completely for longer than health.max_unproven_secs ({}s): members may be missing from the mirror; see `klarify-sync status`", self.max_unproven.as_secs()),
-                "unproven_tie_groups": unproven.len(),
-                "oldest_unproven_since": oldest.map(crate::klarify::format_instant),
-            }));
+            let detail = format!("a group of procedures sharing one updated_at has not been proven read completely for longer than health.max_unproven_secs ({}s): members may be missing from the mirror; see `klarify-sync status`", self.max_unproven.as_secs());
+            return Err(NotReady::new(Reason::UnprovenTieGroup, detail)
+                .with("unproven_tie_groups", unproven.len())
+                .with("oldest_unproven_since", oldest.map(format_instant)));
         }
         let h = self.health.lock().expect("health lock poisoned");
         let last_success = h.last_success.map(format_instant);
         if let Some((reason, detail)) = &h.failure {
-            return Err(json!({
-                "reason": reason,
-                "detail": detail,
-                "since": h.failing_since.map(format_instant),
-                "last_success": last_success,
-            }));
+            return Err(NotReady::new(*reason, detail.as_str())
+                .with("since", h.failing_since.map(format_instant))
+                .with("last_success", last_success));
         }
         let Some(at) = h.last_success else {
-            return Err(
-                json!({"reason": "never_synced", "detail": "no sync pass has succeeded yet"}),
-            );
+            let detail = "no sync pass has succeeded yet";
+            return Err(NotReady::new(Reason::NeverSynced, detail));
         };
         if OffsetDateTime::now_utc() - at > self.max_staleness {
-            return Err(json!({
-                "reason": "stale",
-                "detail": format!("the last successful pass is older than health.max_staleness_secs ({}s)", self.max_staleness.as_secs()),
-                "last_success": last_success,
-            }));
+            let detail = format!(
+                "the last successful pass is older than health.max_staleness_secs ({}s)",
+                self.max_staleness.as_secs()
+            );
+            return Err(NotReady::new(Reason::Stale, detail).with("last_success", last_success));
         }
         Ok(json!({
             "status": "ready",
@@ -172,18 +240,18 @@ impl Readiness {
     }
 }
 
-/// A stable, machine-readable name for why the last pass failed.
-fn reason_code(error: &SyncError) -> &'static str {
+/// Why the last pass failed, for `/readyz`.
+fn reason_code(error: &SyncError) -> Reason {
     match error {
-        SyncError::Klarify(KlarifyError::KeyRejected) => "key_rejected",
-        SyncError::Klarify(_) => "api_unreachable",
-        SyncError::Store(StoreError::Connect { .. }) => "database_down",
-        SyncError::Store(_) => "database_error",
+        SyncError::Klarify(KlarifyError::KeyRejected) => Reason::KeyRejected,
+        SyncError::Klarify(_) => Reason::ApiUnreachable,
+        SyncError::Store(StoreError::Connect { .. }) => Reason::DatabaseDown,
+        SyncError::Store(_) => Reason::DatabaseError,
         SyncError::Unordered(_) | SyncError::Stuck | SyncError::TooManyRequests => {
-            "api_inconsistent"
+            Reason::ApiInconsistent
         }
-        SyncError::WriteAborted(_) => "database_error",
-        SyncError::Interrupted => "shutting_down",
+        SyncError::WriteAborted(_) => Reason::DatabaseError,
+        SyncError::Interrupted => Reason::ShuttingDown,
     }
 }
 
@@ -203,9 +271,9 @@ pub fn router(readiness: Readiness, page: PageSettings) -> Router {
 /// What the status page shows of the settings, and how it draws graphs.
 #[derive(Debug, Clone)]
 pub struct PageSettings {
-    /// The schedule as the daemon runs it (6-field cron).
-    pub cron: String,
-    pub backfill_cron: Option<String>,
+    /// The schedule as the daemon runs it.
+    pub cron: Cron,
+    pub backfill_cron: Option<Cron>,
     /// `sync.max_future_skew_secs`, for the count of future-dated procedures `status` shows.
     pub max_future_skew: Duration,
     /// Graphviz's `dot`, looked up on PATH unless a path is given.
@@ -215,7 +283,7 @@ pub struct PageSettings {
 }
 
 impl PageSettings {
-    pub fn new(cron: String, backfill_cron: Option<String>, max_future_skew: Duration) -> Self {
+    pub fn new(cron: Cron, backfill_cron: Option<Cron>, max_future_skew: Duration) -> Self {
         Self {
             cron,
             backfill_cron,
@@ -246,9 +314,9 @@ const PAGE_POLICY: (header::HeaderName, &str) = (
 
 async fn status_page(State(s): State<AppState>) -> Response {
     let now = OffsetDateTime::now_utc();
-    let readiness = s.readiness.check().await.map(|_| ()).map_err(|body| {
-        let text = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
-        (text("reason"), text("detail"))
+    let readiness = s.readiness.check().await.map(|_| ()).map_err(|not| {
+        let detail = not.body["detail"].as_str().unwrap_or_default().to_owned();
+        (not.reason, detail)
     });
     let mirror = match s.readiness.store.get() {
         None => Err("the database is not open yet".to_owned()),
@@ -263,19 +331,14 @@ async fn status_page(State(s): State<AppState>) -> Response {
     };
     let (role, syncing_since) = {
         let h = s.readiness.health.lock().expect("health lock poisoned");
-        let role = match h.leads {
-            Some(true) => "leader",
-            Some(false) => "standby",
-            None => "starting",
-        };
-        (role, h.running_since)
+        (h.role, h.running_since)
     };
     let live = crate::status::Live {
         readiness,
         role,
         syncing_since,
         cron: &s.page.cron,
-        backfill_cron: s.page.backfill_cron.as_deref(),
+        backfill_cron: s.page.backfill_cron.as_ref(),
         now,
     };
     let html = crate::status::render_html(mirror.as_ref().map_err(String::as_str), &live);
@@ -391,7 +454,7 @@ async fn run_dot(page: &PageSettings, source: String) -> Result<Vec<u8>, PageErr
 async fn readyz(State(r): State<Readiness>) -> Response {
     match r.check().await {
         Ok(body) => (StatusCode::OK, Json(body)).into_response(),
-        Err(mut body) => {
+        Err(NotReady { mut body, .. }) => {
             body["status"] = "unavailable".into();
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }

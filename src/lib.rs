@@ -6,6 +6,7 @@
 //! organisation through the `klarify-fake` crate, the stand-in for the Klarify API that the
 //! tests and the bench use too.
 
+pub mod app;
 pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]

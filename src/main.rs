@@ -1,23 +1,17 @@
 //! The `klarify-sync` binary: parses the command line, loads the configuration, sets up
 //! logging and signals, and hands over to the library.
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use klarify_sync::config::Settings;
-use klarify_sync::daemon::{panic_message, Daemon, SyncPass};
+use klarify_sync::app::{self, Application};
+use klarify_sync::config::{ConfigError, Settings};
+use klarify_sync::daemon::panic_message;
 #[cfg(feature = "demo")]
 use klarify_sync::demo;
-use klarify_sync::http::HttpLimits;
-use klarify_sync::klarify::KlarifyClient;
-use klarify_sync::progress_bar::Bar;
-use klarify_sync::store::Store;
-use klarify_sync::sync::{run_pass_observed, Mode, Progress, SyncOptions};
-use klarify_sync::{graph, schedule, telemetry};
+use klarify_sync::sync::Mode;
+use klarify_sync::{graph, telemetry};
 #[cfg(feature = "demo")]
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -128,8 +122,8 @@ fn limit_malloc_arenas() {
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Some(Command::Healthcheck) => healthcheck(cli.config).await,
-        Some(Command::Status { json, passes }) => status(cli.config, json, passes).await,
+        Some(Command::Healthcheck) => healthcheck(cli.config.as_deref()).await,
+        Some(Command::Status { json, passes }) => status(cli.config.as_deref(), json, passes).await,
         Some(Command::Graph {
             format,
             group_by,
@@ -143,7 +137,7 @@ async fn async_main() -> ExitCode {
                 around: around.map(|name| (name, depth)),
                 max_nodes: None,
             };
-            draw_graph(cli.config, &options, output).await
+            draw_graph(cli.config.as_deref(), &options, output).await
         }
         None => run(cli).await,
     };
@@ -157,39 +151,35 @@ async fn async_main() -> ExitCode {
     }
 }
 
+/// Every layer of the configuration, the process environment last.
+fn load(config: Option<&Path>) -> Result<Settings, ConfigError> {
+    Settings::load(config, &std::env::vars().collect())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     #[cfg(not(feature = "demo"))]
     anyhow::ensure!(
         !cli.demo,
         "--demo: this klarify-sync was built without its default feature `demo`"
     );
-    let env = std::env::vars().collect();
     #[cfg_attr(not(feature = "demo"), allow(unused_mut))] // only the demo changes them
-    let mut settings = Settings::load(cli.config.as_deref(), &env)?;
+    let mut settings = load(cli.config.as_deref())?;
     // The demo's source exists only once we start it; its address and key replace the real ones.
     #[cfg(feature = "demo")]
     let demo_source = if cli.demo {
         let source = demo::start().await?;
         settings.klarify.base_url = source.base_url().parse()?;
         settings.klarify.access_key = Some(source.access_key().into());
-        settings.schedule.cron = demo::CRON.to_owned();
-        settings.schedule.backfill_cron = demo::BACKFILL_CRON.to_owned();
+        // Its own file, unless one is set.
+        settings.database.url = Some(settings.database_url(true));
+        settings.schedule.cron = demo::CRON.clone();
+        settings.schedule.backfill_cron = Some(demo::BACKFILL_CRON.clone());
         Some(source)
     } else {
         None
     };
     settings.validate(!cli.demo)?;
     telemetry::init(&settings.log);
-
-    let database_url = settings.database_url(cli.demo);
-    let client = KlarifyClient::new(settings.client_settings())?;
-    let options = SyncOptions {
-        overlap: Duration::from_secs(settings.sync.overlap_secs),
-        max_delete_share: settings.sync.max_delete_share,
-        tie_group_rounds: settings.sync.tie_group_rounds,
-        tie_group_page_size: settings.sync.tie_group_page_size,
-        max_future_skew: Duration::from_secs(settings.sync.max_future_skew_secs),
-    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
@@ -199,45 +189,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             Mode::Incremental
         };
-        let store = Store::open(&database_url, settings.database.max_connections).await?;
-        let progress = Arc::new(Progress::default());
-        let bar =
-            (cli.backfill && std::io::stdout().is_terminal()).then(|| Bar::spawn(progress.clone()));
-        let report = run_pass_observed(&client, &store, mode, &options, &shutdown, &progress).await;
-        if let Some(bar) = bar {
-            bar.finish();
-        }
-        report?.log();
-        store.close().await;
+        app::run_once(&settings, mode, &shutdown).await?;
         return Ok(());
     }
-
-    let daemon = Daemon {
-        pass: SyncPass {
-            client,
-            options: options.clone(),
-        },
-        database_url: database_url.clone(),
-        max_connections: settings.database.max_connections,
-        cron: schedule::parse_cron(&settings.schedule.cron).map_err(anyhow::Error::msg)?,
-        backfill_cron: Some(settings.schedule.backfill_cron.as_str())
-            .filter(|c| !c.is_empty())
-            .map(schedule::parse_cron)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-        max_staleness: Duration::from_secs(settings.health.max_staleness_secs),
-        max_unproven: Duration::from_secs(settings.health.max_unproven_secs),
-        max_future_skew: options.max_future_skew,
-        retry_delays: (Duration::from_secs(5), Duration::from_secs(300)),
-        http: HttpLimits::default(),
-    }
-    .bind(settings.http.listen)
-    .await?;
+    let application = Application::build(&settings).await?;
     #[cfg(feature = "demo")]
     if let Some(source) = &demo_source {
-        demo::banner(source, database_url.expose_secret(), daemon.local_addr());
+        let database_url = settings.database_url(true);
+        demo::banner(
+            source,
+            database_url.expose_secret(),
+            application.local_addr(),
+        );
     }
-    daemon.run_until_stopped(shutdown.cancelled_owned()).await?;
+    application
+        .run_until_stopped(shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }
 
@@ -252,36 +219,15 @@ async fn cancel_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
-/// Asks the daemon configured by the same layers for `/healthz`; a wildcard listen address is
-/// reached on loopback.
-async fn healthcheck(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
-    let mut addr = settings.http.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let response = reqwest::Client::new()
-        .get(format!("http://{addr}/healthz"))
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "/healthz answered {}",
-        response.status()
-    );
+async fn healthcheck(config: Option<&Path>) -> anyhow::Result<()> {
+    app::healthcheck(&load(config)?).await?;
     Ok(())
 }
 
-async fn status(config: Option<PathBuf>, json: bool, passes: i64) -> anyhow::Result<()> {
-    let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
+async fn status(config: Option<&Path>, json: bool, passes: i64) -> anyhow::Result<()> {
+    let settings = load(config)?;
     settings.validate(false)?;
-    // Reads only: a mistyped DATABASE_URL must not leave an empty mirror behind.
-    let store = Store::open_existing(&settings.database_url(false)).await?;
-    let future_after =
-        time::OffsetDateTime::now_utc() + Duration::from_secs(settings.sync.max_future_skew_secs);
-    let status = store.status(passes, future_after).await?;
-    store.close().await;
+    let status = app::status(&settings, passes).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -291,16 +237,13 @@ async fn status(config: Option<PathBuf>, json: bool, passes: i64) -> anyhow::Res
 }
 
 async fn draw_graph(
-    config: Option<PathBuf>,
+    config: Option<&Path>,
     options: &graph::Options,
     output: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let settings = Settings::load(config.as_deref(), &std::env::vars().collect())?;
+    let settings = load(config)?;
     settings.validate(false)?;
-    let store = Store::open_existing(&settings.database_url(false)).await?;
-    let drawn = graph::draw(&store, options).await;
-    store.close().await;
-    let drawn = drawn?;
+    let drawn = app::draw_graph(&settings, options).await?;
     match output {
         Some(path) => std::fs::write(&path, drawn)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,

@@ -115,19 +115,40 @@ pub fn render() -> String {
     handle.render()
 }
 
+/// How a pass ended, as the `outcome` label of `klarify_sync_passes_total` spells it.
+#[derive(Debug, Clone, Copy)]
+enum PassEnd {
+    /// As recorded in `sync_runs`.
+    Recorded(RunOutcome),
+    /// A panic, which records nothing.
+    Panicked,
+}
+
+impl PassEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Recorded(outcome) => outcome.as_str(),
+            Self::Panicked => "panicked",
+        }
+    }
+}
+
+fn count_pass(mode: Mode, end: PassEnd) {
+    metrics::counter!("klarify_sync_passes_total", "mode" => mode.as_str(), "outcome" => end.as_str())
+        .increment(1);
+}
+
 /// A pass that panicked records nothing itself.
 pub fn record_panicked_pass(mode: Mode) {
-    metrics::counter!("klarify_sync_passes_total", "mode" => mode.as_str(), "outcome" => "panicked")
-        .increment(1);
+    count_pass(mode, PassEnd::Panicked);
 }
 
 /// Records the end of a pass, whatever its outcome.
 pub fn record_pass(mode: Mode, r: &RunRecord, duration: Duration) {
     let outcome = r.outcome;
-    let mode = mode.as_str();
-    metrics::histogram!("klarify_sync_pass_duration_seconds", "mode" => mode).record(duration);
-    metrics::counter!("klarify_sync_passes_total", "mode" => mode, "outcome" => outcome.as_str())
-        .increment(1);
+    metrics::histogram!("klarify_sync_pass_duration_seconds", "mode" => mode.as_str())
+        .record(duration);
+    count_pass(mode, PassEnd::Recorded(outcome));
     for (change, n) in [
         ("inserted", r.stats.inserted),
         ("updated", r.stats.updated),

@@ -5,7 +5,9 @@ use std::fmt::Write;
 
 use time::OffsetDateTime;
 
+use crate::http::{Reason, Role};
 use crate::klarify::format_instant;
+use crate::schedule::Cron;
 use crate::store::{RunOutcome, RunSummary, Status};
 
 pub fn render_text(s: &Status) -> String {
@@ -72,14 +74,13 @@ pub fn render_text(s: &Status) -> String {
 /// and the settings, never a secret.
 #[derive(Debug)]
 pub struct Live<'a> {
-    /// `Ok`: ready; `Err`: the reason code and its explanation, as `/readyz` gives them.
-    pub readiness: Result<(), (String, String)>,
-    /// "leader", "standby" or "starting".
-    pub role: &'a str,
+    /// `Ok`: ready; `Err`: the reason and its explanation, as `/readyz` gives them.
+    pub readiness: Result<(), (Reason, String)>,
+    pub role: Role,
     /// When the pass running now started.
     pub syncing_since: Option<OffsetDateTime>,
-    pub cron: &'a str,
-    pub backfill_cron: Option<&'a str>,
+    pub cron: &'a Cron,
+    pub backfill_cron: Option<&'a Cron>,
     pub now: OffsetDateTime,
 }
 
@@ -107,20 +108,20 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
             let _ = writeln!(
                 out,
                 "<p class=\"state bad\">Not ready ({}): {}</p>",
-                esc(reason),
+                esc(reason.as_str()),
                 esc(detail)
             );
         }
     }
     out.push_str("<dl>\n");
     let role = match live.role {
-        "leader" => "leader: this instance runs the schedule",
-        "standby" => {
+        Role::Starting => "starting",
+        Role::Leader => "leader: this instance runs the schedule",
+        Role::Standby => {
             "standby: another instance leads on this database; this one takes over if it stops"
         }
-        other => other,
     };
-    dd(&mut out, "Role", &esc(role));
+    dd(&mut out, "Role", role);
     let syncing = match live.syncing_since {
         Some(at) => format!("a pass is running, for {}", age(live.now - at)),
         None => "no pass is running".to_owned(),
@@ -128,14 +129,14 @@ pub fn render_html(mirror: Result<&Status, &str>, live: &Live<'_>) -> String {
     dd(&mut out, "Syncing", &syncing);
     let backfill = live.backfill_cron.map_or_else(
         || "never".to_owned(),
-        |c| format!("<code>{}</code>", esc(c)),
+        |c| format!("<code>{}</code>", esc(c.as_str())),
     );
     dd(
         &mut out,
         "Schedule",
         &format!(
             "incremental <code>{}</code>; full reconciliation {backfill}",
-            esc(live.cron)
+            esc(live.cron.as_str())
         ),
     );
     let s = match mirror {

@@ -13,9 +13,10 @@ use axum::routing::get;
 use axum::Router;
 use common::{Backend, Env};
 use klarify_fake::{Fault, Organisation};
-use klarify_sync::daemon::{Daemon, DaemonError, Pass, SyncPass};
+use klarify_sync::app::{sync_pass, Builder};
+use klarify_sync::config::Settings;
+use klarify_sync::daemon::{DaemonError, Pass, SyncPass};
 use klarify_sync::http::{serve, HttpLimits};
-use klarify_sync::klarify::KlarifyClient;
 use klarify_sync::store::{PageWrite, RunOutcome, Store, UnprovenGroup};
 use klarify_sync::sync::{Mode, PassReport, SyncError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,36 +51,26 @@ async fn start_with(
     backfill_cron: Option<&str>,
     max_staleness: Duration,
 ) -> Running {
-    let mut daemon = daemon(env, sync_pass(env), cron);
-    daemon.backfill_cron = backfill_cron.map(str::to_owned);
-    daemon.max_staleness = max_staleness;
-    run(daemon).await
+    let mut settings = settings(env, cron);
+    settings.schedule.backfill_cron = backfill_cron.map(|c| c.parse().unwrap());
+    settings.health.max_staleness_secs = max_staleness.as_secs();
+    run(daemon(&settings)).await
 }
 
-fn sync_pass(env: &Env) -> SyncPass {
-    SyncPass {
-        client: KlarifyClient::new(common::client_settings(&env.fake, 50)).unwrap(),
-        options: env.options.clone(),
-    }
+/// The settings of a daemon over `env`'s source and database that syncs on `cron`.
+fn settings(env: &Env, cron: &str) -> Settings {
+    let mut settings = env.settings();
+    settings.schedule.cron = cron.parse().unwrap();
+    settings
 }
 
-fn daemon<P: Pass>(env: &Env, pass: P, cron: &str) -> Daemon<P> {
-    Daemon {
-        pass,
-        database_url: env.database_url.clone(),
-        max_connections: 3,
-        cron: cron.to_owned(),
-        backfill_cron: None,
-        max_staleness: Duration::from_secs(600),
-        max_unproven: Duration::from_secs(3600),
-        max_future_skew: Duration::from_secs(60),
-        retry_delays: (Duration::from_millis(50), Duration::from_millis(200)),
-        http: HttpLimits::default(),
-    }
+/// The daemon `settings` describe, as `main` builds it, retrying fast.
+fn daemon(settings: &Settings) -> Builder {
+    common::app::daemon(settings, sync_pass(settings).unwrap())
 }
 
-async fn run<P: Pass>(daemon: Daemon<P>) -> Running {
-    let daemon = daemon.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+async fn run<P: Pass>(daemon: Builder<P>) -> Running {
+    let daemon = daemon.build().await.unwrap();
     let addr = daemon.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(daemon.run_until_stopped(async {
@@ -280,12 +271,13 @@ async fn a_panicking_pass_is_a_failed_pass_and_retried(backend: Backend) {
     env.fake
         .inject(Fault::Hang(Duration::from_secs(10)), 10_000);
     let panicking = Arc::new(AtomicBool::new(true));
+    // No pass is scheduled before next year: every pass after the first is a retry.
+    let settings = settings(&env, "0 0 0 1 1 *");
     let pass = PanicsWhileSet {
-        inner: sync_pass(&env),
+        inner: sync_pass(&settings).unwrap(),
         panicking: panicking.clone(),
     };
-    // No pass is scheduled before next year: every pass after the first is a retry.
-    let (addr, stop, task) = run(daemon(&env, pass, "0 0 0 1 1 *")).await;
+    let (addr, stop, task) = run(common::app::daemon(&settings, pass)).await;
     let before = panicked_passes(addr).await;
     eventually("readyz reports the panic", || async {
         let (status, body) = readyz(addr).await;
@@ -346,7 +338,8 @@ impl Pass for PanicsInTheLoop {
 
 async fn a_sync_loop_that_dies_ends_the_daemon(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(35, 10), 50).await;
-    let (addr, _stop, task) = run(daemon(&env, PanicsInTheLoop, "* * * * * *")).await;
+    let settings = settings(&env, "* * * * * *");
+    let (addr, _stop, task) = run(common::app::daemon(&settings, PanicsInTheLoop)).await;
     let ended = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .expect("the daemon ends by itself when its sync loop dies")
@@ -362,7 +355,7 @@ async fn a_sync_loop_that_dies_ends_the_daemon(backend: Backend) {
 
 async fn readyz_probes_cannot_take_the_syncs_connections(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(36, 60), 50).await;
-    let (addr, stop, task) = run(daemon(&env, sync_pass(&env), "* * * * * *")).await;
+    let (addr, stop, task) = run(daemon(&settings(&env, "* * * * * *"))).await;
     eventually("ready", || async { readyz(addr).await.0 == 200 }).await;
 
     // On PostgreSQL every readiness probe now waits for a lock on the schema's history (as while
@@ -480,9 +473,9 @@ async fn beyond_the_cap_the_oldest_connection_makes_room() {
 async fn an_unproven_tie_group_shows_in_readyz_status_and_metrics(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(36, 40), 50).await;
     // Any unproven group is overdue at once; no pass is scheduled before next year.
-    let mut daemon = daemon(&env, sync_pass(&env), "0 0 0 1 1 *");
-    daemon.max_unproven = Duration::ZERO;
-    let (addr, stop, task) = run(daemon).await;
+    let mut settings = settings(&env, "0 0 0 1 1 *");
+    settings.health.max_unproven_secs = 0;
+    let (addr, stop, task) = run(daemon(&settings)).await;
     eventually("the first pass succeeds", || async {
         let (status, body) = readyz(addr).await;
         status == 200 && body["unproven_tie_groups"] == 0

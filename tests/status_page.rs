@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, Env, HOSTILE_NAME};
 use klarify_fake::Organisation;
-use klarify_sync::daemon::{Daemon, SyncPass};
+use klarify_sync::app::sync_pass;
 use klarify_sync::http::{router, serve, HttpLimits, PageSettings, Readiness};
-use klarify_sync::klarify::{format_instant, KlarifyClient};
+use klarify_sync::klarify::format_instant;
 use klarify_sync::store::{RunOutcome, RunRecord, WriteStats};
 use klarify_sync::sync::Mode;
 use secrecy::ExposeSecret;
@@ -61,24 +61,14 @@ async fn record_hostile_failure(env: &Env) {
 async fn the_daemons_page_shows_the_facts_escaped_and_no_secret(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(5, 80), 50).await;
     record_hostile_failure(&env).await;
-    let daemon = Daemon {
-        pass: SyncPass {
-            client: KlarifyClient::new(common::client_settings(&env.fake, 50)).unwrap(),
-            options: env.options.clone(),
-        },
-        database_url: env.database_url.clone(),
-        max_connections: 2,
-        cron: CRON.to_owned(),
-        backfill_cron: Some("0 30 2 * * Sun".to_owned()),
-        max_staleness: Duration::from_secs(600),
-        max_unproven: Duration::from_secs(3600),
-        max_future_skew: Duration::from_secs(60),
-        retry_delays: (Duration::from_millis(50), Duration::from_millis(200)),
-        http: HttpLimits::default(),
-    }
-    .bind("127.0.0.1:0".parse().unwrap())
-    .await
-    .unwrap();
+    let mut settings = env.settings();
+    settings.database.max_connections = 2;
+    settings.schedule.cron = CRON.parse().unwrap();
+    settings.schedule.backfill_cron = Some("0 30 2 * * Sun".parse().unwrap());
+    let daemon = common::app::daemon(&settings, sync_pass(&settings).unwrap())
+        .build()
+        .await
+        .unwrap();
     let addr = daemon.local_addr();
     let stop = CancellationToken::new();
     let task = tokio::spawn(daemon.run_until_stopped(stop.clone().cancelled_owned()));
@@ -155,7 +145,7 @@ fn page_settings(dot: &Path, timeout: Duration) -> PageSettings {
     PageSettings {
         dot: dot.to_owned(),
         dot_timeout: timeout,
-        ..PageSettings::new(CRON.to_owned(), None, Duration::from_secs(60))
+        ..PageSettings::new(CRON.parse().unwrap(), None, Duration::from_secs(60))
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod app;
 pub mod binary;
 pub mod pg;
 pub mod tools;
