@@ -1,8 +1,9 @@
 //! klarify-sync keeps a SQL database in step with an organisation's Klarify procedures.
 //!
-//! `main` only wires these together: [`config`] is read and validated, a [`store::Store`] and a
-//! [`klarify::KlarifyClient`] are opened, and [`sync::run_pass`] runs once or under the
-//! [`daemon`]. `demo` (the default feature of that name) serves `--demo` its sample
+//! `main` only wires these together: [`config`] is read and validated, and [`app`] assembles
+//! from it what each mode runs: a [`store::Store`] and a [`klarify::KlarifyClient`], with
+//! [`sync::run_pass`] run once or under the [`daemon`] ([`app::Application::build`], which the
+//! tests use too). `demo` (the default feature of that name) serves `--demo` its sample
 //! organisation through the `klarify-fake` crate, the stand-in for the Klarify API that the
 //! tests and the bench use too.
 
