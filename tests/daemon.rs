@@ -153,11 +153,7 @@ async fn pool(env: &Env) -> sqlx::AnyPool {
 }
 
 async fn count_runs(env: &Env) -> i64 {
-    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sync_runs")
-        .fetch_one(&pool(env).await)
-        .await
-        .unwrap();
-    n
+    common::scalar(&env.database_url, "SELECT COUNT(*) FROM sync_runs").await
 }
 
 /// No pass started before the previous one finished.
