@@ -78,6 +78,15 @@ pub fn range_starts(
         .collect()
 }
 
+/// Each range of [`range_starts`] as `(start, end)`: it ends where the next starts, the last
+/// one open (`None`).
+pub fn range_bounds(
+    starts: &[Option<OffsetDateTime>],
+) -> impl Iterator<Item = (Option<OffsetDateTime>, Option<OffsetDateTime>)> + '_ {
+    let ends = starts.iter().skip(1).copied().chain([None]);
+    starts.iter().copied().zip(ends)
+}
+
 /// How far each range has been read. Ranges are read in parallel and finish in any order; the
 /// stored watermark may only cover what is read without a gap from the pass's start. A range is
 /// known by its start and says where it ends, so that the part split off a range while it is
@@ -100,11 +109,8 @@ struct RangeProgress {
 impl Frontier {
     /// Ranges starting at `starts`, in time order, each ending where the next starts.
     pub fn new(starts: &[Option<OffsetDateTime>]) -> Self {
-        let ends = starts.iter().skip(1).copied().chain([None]);
-        let ranges = starts
-            .iter()
-            .zip(ends)
-            .map(|(&start, end)| {
+        let ranges = range_bounds(starts)
+            .map(|(start, end)| {
                 let progress = RangeProgress {
                     end,
                     reached: start,

@@ -8,7 +8,10 @@
 use std::sync::Mutex;
 
 use time::OffsetDateTime;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+
+use super::cursor::range_bounds;
 
 /// A range handed to a reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +44,8 @@ pub enum Next {
 #[derive(Debug)]
 pub struct Ranges {
     slots: Mutex<Vec<Slot>>,
-    /// Notified when a range is queued or finishes, or an offer is turned down.
-    pub changed: Notify,
+    /// Notified when a range is queued or finishes, or an offer is answered.
+    changed: Notify,
     /// A range is split only when this many items are left in it: each part must be worth a
     /// sample request and, on average, half a page read twice where the parts meet.
     min_split: u64,
@@ -83,10 +86,8 @@ impl Ranges {
     /// Ranges starting at `starts` (in time order, the last one open), each expected to hold
     /// `expected` items.
     pub fn new(starts: &[Option<OffsetDateTime>], expected: u64, min_split: u64) -> Self {
-        let slots = starts
-            .iter()
-            .zip(starts.iter().skip(1).copied().chain([None]))
-            .map(|(&start, end)| Slot {
+        let slots = range_bounds(starts)
+            .map(|(start, end)| Slot {
                 start,
                 end,
                 expected,
@@ -101,6 +102,13 @@ impl Ranges {
             changed: Notify::new(),
             min_split,
         }
+    }
+
+    /// Completes at the next change that may give a waiting reader something to do: a range
+    /// queued or finished, an offer answered. Enabled before [`Self::next`] is asked, so that a
+    /// change in between is not missed.
+    pub fn changed(&self) -> Notified<'_> {
+        self.changed.notified()
     }
 
     /// The earliest queued range, or else a range worth splitting, or else whether all is read.

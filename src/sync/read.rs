@@ -222,7 +222,7 @@ impl<'a> Reader<'a> {
     /// with the most left to read; `None` once every range has been read.
     async fn next_range(&self, ranges: &Ranges) -> Result<Option<Task>, SyncError> {
         loop {
-            let changed = ranges.changed.notified();
+            let changed = ranges.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
             match ranges.next() {
