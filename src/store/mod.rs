@@ -29,6 +29,7 @@ use time::OffsetDateTime;
 
 use crate::config::{database_kind, DatabaseKind};
 use crate::klarify::{parse_instant, untrusted, Procedure};
+use bulk_load::Restore;
 use error::explain;
 use postgres::PgBackend;
 use sqlite::SqliteBackend;
@@ -272,7 +273,14 @@ impl Store {
     /// end left out. Returns how many indexes and constraints it built.
     #[tracing::instrument(skip_all)]
     pub async fn restore_deferred(&self) -> Result<usize, StoreError> {
-        on_backend!(self, b => bulk_load::restore(b.begin().await?).await)
+        on_backend!(self, b => bulk_load::restore(b.begin().await?, Restore::All).await)
+    }
+
+    /// Builds the indexes [`Store::defer_for_bulk_load`] dropped, not the foreign keys: what a
+    /// load Klarify keeps waiting builds early, while the readers wait. Returns how many.
+    #[tracing::instrument(skip_all)]
+    pub async fn build_deferred_indexes(&self) -> Result<usize, StoreError> {
+        on_backend!(self, b => bulk_load::restore(b.begin().await?, Restore::Indexes).await)
     }
 
     /// After a complete backfill: marks live procedures the run did not see as deleted, unless

@@ -25,9 +25,11 @@ pub(super) const COUNTS: &str = "SELECT \
      (SELECT COUNT(*) FROM rejected_items) AS rejected_items";
 pub(super) const ANY_PROCEDURE: &str = "SELECT EXISTS (SELECT 1 FROM procedures)";
 pub(super) const RECORD_DEFERRED: &str =
-    "INSERT INTO deferred_schema (name, restore) VALUES ($1, $2)";
-pub(super) const DEFERRED: &str = "SELECT restore FROM deferred_schema ORDER BY name";
-pub(super) const CLEAR_DEFERRED: &str = "DELETE FROM deferred_schema";
+    "INSERT INTO deferred_schema (name, kind, restore) VALUES ($1, $2, $3)";
+// `$1`: every kind, or only indexes ([`super::bulk_load::Restore`]).
+pub(super) const DEFERRED: &str =
+    "SELECT restore FROM deferred_schema WHERE $1 OR kind = 'index' ORDER BY name";
+pub(super) const CLEAR_DEFERRED: &str = "DELETE FROM deferred_schema WHERE $1 OR kind = 'index'";
 pub(super) const DELETE_UNPROVEN: &str = "DELETE FROM unproven_tie_groups WHERE at = $1";
 pub(super) const LIVE_LANES: &str = "SELECT l.procedure_id, l.lane FROM procedure_lanes l \
      JOIN procedures p ON p.id = l.procedure_id WHERE p.deleted_at IS NULL \
@@ -245,14 +247,16 @@ macro_rules! schema_common {
         async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
             sqlx::query(sql::RECORD_DEFERRED)
                 .bind(&d.name)
+                .bind(d.kind)
                 .bind(&d.restore)
                 .execute(&mut *self.0)
                 .await?;
             Ok(())
         }
 
-        async fn deferred(&mut self) -> Result<Vec<String>, StoreError> {
+        async fn deferred(&mut self, what: Restore) -> Result<Vec<String>, StoreError> {
             Ok(sqlx::query_scalar(sql::DEFERRED)
+                .bind(what == Restore::All)
                 .fetch_all(&mut *self.0)
                 .await?)
         }
@@ -262,8 +266,11 @@ macro_rules! schema_common {
             Ok(())
         }
 
-        async fn clear_deferred(&mut self) -> Result<(), StoreError> {
-            self.0.execute(sql::CLEAR_DEFERRED).await?;
+        async fn clear_deferred(&mut self, what: Restore) -> Result<(), StoreError> {
+            sqlx::query(sql::CLEAR_DEFERRED)
+                .bind(what == Restore::All)
+                .execute(&mut *self.0)
+                .await?;
             Ok(())
         }
     };

@@ -476,7 +476,7 @@ impl Pass<'_> {
         let (store, run, track_seen) = (self.store.clone(), self.run, self.track_seen);
         self.writing = Some(tokio::spawn(async move {
             if build_first {
-                store.restore_deferred().await?;
+                store.build_deferred_indexes().await?;
             }
             let started = Instant::now();
             let page = PageWrite {

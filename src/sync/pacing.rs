@@ -3,7 +3,8 @@
 //! procedures (docs/performance.md). When Klarify is the slower side (latency, a rate limit), the
 //! writer idles between batches: the indexes are built then, while the readers wait on Klarify,
 //! and what is left is written with them in place; where that costs little (PostgreSQL; not
-//! SQLite, `Backend::INDEXES_KEPT_CHEAPLY`).
+//! SQLite, `Backend::INDEXES_KEPT_CHEAPLY`). The foreign keys stay for the end: checked row by
+//! row they would cost the writer more than the indexes (`bulk_load::Restore`).
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@ use sqlx::postgres::PgDatabaseError;
 use sqlx::{Executor, FromRow, Postgres as Pg, Row, Transaction};
 use time::OffsetDateTime;
 
-use super::super::bulk_load::{Deferrable, Dropped, SchemaTx};
+use super::super::bulk_load::{Deferrable, Dropped, Restore, SchemaTx};
 use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
 use super::super::sweep::SweepTx;
 use super::super::write::{calls, lanes, Stored, Version, WriteTx};
@@ -249,7 +249,7 @@ impl SchemaTx for PgTx {
     /// drop a foreign key, and its checks cost next to nothing.) The history's stay: deleting a
     /// history row relies on their cascade.
     async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError> {
-        const DEFERRABLE: &str = "SELECT i.relname::text AS name, \
+        const DEFERRABLE: &str = "SELECT i.relname::text AS name, 'index' AS kind, \
                 format('DROP INDEX %I.%I', n.nspname, i.relname) AS drop, \
                 pg_get_indexdef(x.indexrelid) AS restore \
             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
@@ -257,7 +257,7 @@ impl SchemaTx for PgTx {
             WHERE n.nspname = current_schema() AND NOT x.indisunique \
               AND t.relname IN ('procedures', 'procedure_lanes', 'procedure_calls') \
             UNION ALL \
-            SELECT c.conname::text, format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname), \
+            SELECT c.conname::text, 'constraint', format('ALTER TABLE %I.%I DROP CONSTRAINT %I', n.nspname, t.relname, c.conname), \
                 format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, c.conname, \
                        pg_get_constraintdef(c.oid)) \
             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \

@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Executor, FromRow, Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
-use super::super::bulk_load::{Deferrable, Dropped, SchemaTx};
+use super::super::bulk_load::{Deferrable, Dropped, Restore, SchemaTx};
 use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
 use super::super::sweep::SweepTx;
 use super::super::write::{calls, lanes, Stored, Version, WriteTx};
@@ -250,7 +250,7 @@ impl SchemaTx for SqliteTx {
     async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError> {
         // Primary keys and unique constraints have autoindexes, whose `sql` is null.
         const DEFERRABLE: &str =
-            "SELECT m.name AS name, printf('DROP INDEX \"%w\"', m.name) AS \"drop\", \
+            "SELECT m.name AS name, 'index' AS kind, printf('DROP INDEX \"%w\"', m.name) AS \"drop\", \
             m.sql AS restore FROM sqlite_master m \
             JOIN pragma_index_list(m.tbl_name) i ON i.name = m.name \
             WHERE m.type = 'index' AND m.sql IS NOT NULL AND NOT i.\"unique\" \
