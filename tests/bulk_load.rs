@@ -203,7 +203,7 @@ async fn the_next_pass_builds_what_a_killed_bulk_load_left_out(backend: Backend)
     let mut first_half = env.source();
     first_half.sort_by_key(|p| p.updated_at);
     first_half.truncate(150);
-    let run = env.store.begin_run("backfill", None).await.unwrap();
+    let run = env.store.begin_run(Mode::Backfill, None).await.unwrap();
     let batch = PageWrite {
         run,
         items: &first_half,

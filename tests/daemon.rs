@@ -491,7 +491,7 @@ async fn an_unproven_tie_group_shows_in_readyz_status_and_metrics(backend: Backe
     }
     // As a pass leaves a group it could not prove complete.
     let at = klarify_sync::klarify::parse_instant("2025-05-01T10:00:00Z").unwrap();
-    let run = env.store.begin_run("incremental", None).await.unwrap();
+    let run = env.store.begin_run(Mode::Incremental, None).await.unwrap();
     let group = UnprovenGroup {
         at,
         size_bound: 450,

@@ -17,7 +17,7 @@ use klarify_sync::klarify::{
     Page, PageQuery, Procedure, EARLIEST, LATEST, MAX_DEPTH, MAX_ITEM_BYTES, MAX_NUMBER_DIGITS,
     SHOWN_BYTES,
 };
-use klarify_sync::store::{PageWrite, Store};
+use klarify_sync::store::{Mode, PageWrite, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use secrecy::{ExposeSecret, SecretString};
@@ -59,7 +59,7 @@ impl Mirror {
 
     async fn write_body(&self, body: &[u8]) -> Result<Page, String> {
         let page = parse_page(body).map_err(|e| e.to_string())?;
-        let run = self.store.begin_run("backfill", None).await.unwrap();
+        let run = self.store.begin_run(Mode::Backfill, None).await.unwrap();
         self.store
             .write_page(&PageWrite {
                 run,

@@ -5,7 +5,7 @@ mod common;
 
 use common::{Backend, Env};
 use klarify_fake::Organisation;
-use klarify_sync::store::PageWrite;
+use klarify_sync::store::{Mode, PageWrite};
 use secrecy::ExposeSecret;
 
 /// `mxFrame` (frames in the WAL) and `nBackfill` (frames copied into the database) from the
@@ -29,7 +29,7 @@ async fn a_commit_is_checkpointed_beside_the_writer() {
     assert_eq!(n, 0);
 
     let items = env.source();
-    let run = env.store.begin_run("backfill", None).await.unwrap();
+    let run = env.store.begin_run(Mode::Backfill, None).await.unwrap();
     let batch = PageWrite {
         run,
         items: &items,

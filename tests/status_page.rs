@@ -44,7 +44,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 
 /// A failed pass whose error quotes the API: the way text the API chose reaches the page.
 async fn record_hostile_failure(env: &Env) {
-    let run = env.store.begin_run("incremental", None).await.unwrap();
+    let run = env.store.begin_run(Mode::Incremental, None).await.unwrap();
     let record = RunRecord {
         outcome: RunOutcome::Failed,
         pages: 0,

@@ -248,7 +248,7 @@ async fn an_item_dated_in_the_far_future_does_not_hold_back_later_edits(backend:
 async fn a_watermark_stored_in_the_future_is_repaired(backend: Backend) {
     let env = Env::new(backend, Organisation::generate(16, 80), 25).await;
     env.pass(Mode::Backfill).await.unwrap();
-    let run = env.store.begin_run("incremental", None).await.unwrap();
+    let run = env.store.begin_run(Mode::Incremental, None).await.unwrap();
     let poisoned = parse_instant("9999-12-31T23:59:59Z").unwrap();
     env.store
         .write_page(&PageWrite {

@@ -18,7 +18,7 @@ mod write;
 pub use error::{redact_url, StoreError};
 pub use lock::{LockGuard, LockKind};
 pub use model::{
-    CallEdge, Counts, GraphNode, PageWrite, RunId, RunOutcome, RunRecord, RunSummary, Status,
+    CallEdge, Counts, GraphNode, Mode, PageWrite, RunId, RunOutcome, RunRecord, RunSummary, Status,
     StoredUnproven, UnprovenGroup, WriteStats,
 };
 
@@ -60,7 +60,7 @@ pub(crate) trait Backend {
     /// Marks passes still running abandoned (the caller holds the pass lock) and records a new one.
     async fn begin_run(
         &self,
-        mode: &str,
+        mode: Mode,
         watermark: Option<OffsetDateTime>,
     ) -> Result<RunId, StoreError>;
     async fn finish_run(&self, run: RunId, record: &RunRecord) -> Result<(), StoreError>;
@@ -239,7 +239,7 @@ impl Store {
     #[tracing::instrument(skip_all)]
     pub async fn begin_run(
         &self,
-        mode: &str,
+        mode: Mode,
         watermark: Option<OffsetDateTime>,
     ) -> Result<RunId, StoreError> {
         on_backend!(self, b => b.begin_run(mode, watermark).await)

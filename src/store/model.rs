@@ -9,6 +9,24 @@ use crate::klarify::{format_instant, Procedure, Rejected};
 /// Identifies one row of `sync_runs`.
 pub type RunId = i64;
 
+/// What a pass reads, as `sync_runs.mode` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// From the stored watermark (less the overlap).
+    Incremental,
+    /// Everything, then deletion detection.
+    Backfill,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Incremental => "incremental",
+            Mode::Backfill => "backfill",
+        }
+    }
+}
+
 /// A page ready to be committed, with the cursor it moves to.
 #[derive(Debug)]
 pub struct PageWrite<'a> {

@@ -103,14 +103,14 @@ macro_rules! backend_common {
 
         async fn begin_run(
             &self,
-            mode: &str,
+            mode: Mode,
             watermark: Option<OffsetDateTime>,
         ) -> Result<RunId, StoreError> {
             let mut tx = self.writer.begin().await?;
             sqlx::query(sql::ABANDON_RUNS).execute(&mut *tx).await?;
             let id = sqlx::query_scalar(sql::BEGIN_RUN)
                 .bind(stamp(OffsetDateTime::now_utc()))
-                .bind(mode)
+                .bind(mode.as_str())
                 .bind(watermark.map(format_instant))
                 .fetch_one(&mut *tx)
                 .await?;

@@ -27,22 +27,7 @@ use cursor::Frontier;
 use pacing::EarlyBuild;
 use read::{Event, Reader};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// From the stored watermark (less the overlap).
-    Incremental,
-    /// Everything, then deletion detection.
-    Backfill,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Incremental => "incremental",
-            Mode::Backfill => "backfill",
-        }
-    }
-}
+pub use crate::store::Mode;
 
 /// The `sync` config section, typed.
 #[derive(Debug, Clone)]
@@ -187,7 +172,7 @@ async fn locked_pass(
         .iter()
         .map(|g| g.at)
         .collect();
-    let run = store.begin_run(mode.as_str(), watermark).await?;
+    let run = store.begin_run(mode, watermark).await?;
     tracing::Span::current().record("run", run);
     // The watermark never follows an item dated in the future (a vendor clock gone wrong, a
     // placeholder date): past this instant, edits made after the pass would hide below it.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
 use time::OffsetDateTime;
 
-use super::model::{RunRecord, RunSummary, StoredUnproven};
+use super::model::{Mode, RunRecord, RunSummary, StoredUnproven};
 use super::{
     sql, Backend, CallEdge, Counts, GraphNode, LiveRows, LockGuard, LockKind, RunId, StoreError,
 };

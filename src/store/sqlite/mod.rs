@@ -17,7 +17,7 @@ use sqlx::Executor;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
-use super::model::{RunRecord, RunSummary, StoredUnproven};
+use super::model::{Mode, RunRecord, RunSummary, StoredUnproven};
 use super::write::timed;
 use super::{
     sql, Backend, CallEdge, Counts, GraphNode, LiveRows, LockGuard, LockKind, RunId, StoreError,
