@@ -83,6 +83,9 @@ pub struct PassReport {
     /// A bulk load that Klarify kept waiting, which built its indexes as soon as that showed,
     /// while its readers waited (pacing.rs), rather than at its end.
     pub early_index_build: bool,
+    /// Indexes and constraints the bulk load built at its end: all it deferred, or after an
+    /// early build only the foreign keys (PostgreSQL), which are never built early.
+    pub built_at_end: usize,
     /// Ranges split off while the pass read, for readers that had run out of ranges
     /// (ranges.rs).
     pub ranges_split: u64,
@@ -210,11 +213,13 @@ async fn locked_pass(
     };
     let outcome = pass.run(&reader, start, &unproven).await;
     // Also after a failure: BI users query what was committed, and the next pass is no bulk load.
-    let outcome = if bulk {
-        let restored = store.restore_deferred().await;
-        outcome.and(restored.map(|_| ()).map_err(SyncError::from))
+    let (outcome, built_at_end) = if bulk {
+        match store.restore_deferred().await {
+            Ok(built) => (outcome, built),
+            Err(e) => (outcome.and(Err(e.into())), 0),
+        }
     } else {
-        outcome
+        (outcome, 0)
     };
     let doubts = match &outcome {
         Ok(()) => Doubts::measure(store, ceiling).await,
@@ -272,6 +277,7 @@ async fn locked_pass(
         duration: started.elapsed(),
         bulk_load: bulk,
         early_index_build: pass.early_index_build,
+        built_at_end,
         ranges_split: reader.splits.into_inner(),
         unproven_groups: doubts.unproven_groups,
         future_dated: doubts.future_dated,
@@ -514,6 +520,7 @@ impl PassReport {
             watermark = self.watermark_after.map(crate::klarify::format_instant),
             bulk_load = self.bulk_load,
             early_index_build = self.early_index_build,
+            built_at_end = self.built_at_end,
             ranges_split = self.ranges_split,
             "sync pass succeeded"
         );
