@@ -3,8 +3,9 @@
 //! sorted, at its end, which costs a fraction of keeping them row by row (docs/performance.md).
 //! Each is recorded in `deferred_schema` with the statement that builds it, in the transaction
 //! that drops it, so that a load killed before its end is finished by the next pass. A load
-//! Klarify keeps waiting builds the indexes early ([`Restore::Indexes`]), never the foreign keys:
-//! checked row by row they cost more than the indexes, and once at the end they are one join.
+//! Klarify keeps waiting builds early the indexes its backend keeps cheaply row by row
+//! ([`Restore::Early`]), never the foreign keys: checked row by row they cost more than the
+//! indexes, and once at the end they are one join.
 
 use std::time::Instant;
 
@@ -34,8 +35,37 @@ pub(crate) enum Kind {
 pub(crate) enum Restore {
     /// Everything deferred: at the end of a load, and before a pass.
     All,
-    /// The indexes only, while the readers wait on Klarify.
-    Indexes,
+    /// The indexes the backend keeps cheaply row by row ([`SchemaTx::EARLY_INDEXES`]), while
+    /// the readers wait on Klarify.
+    Early,
+}
+
+/// Which deferred indexes a load Klarify keeps waiting builds early: those its backend keeps
+/// cheaply row by row for the rest of the load. Never the foreign keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum EarlyIndexes {
+    All,
+    /// These, by name; the others wait for the end of the load.
+    Only(&'static [&'static str]),
+}
+
+/// One object `deferred_schema` records as dropped and not yet built again.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct Deferred {
+    pub name: String,
+    pub kind: Kind,
+    pub restore: String,
+}
+
+impl Restore {
+    fn takes(self, d: &Deferred, early: EarlyIndexes) -> bool {
+        match (self, early) {
+            (Restore::All, _) => true,
+            (Restore::Early, _) if d.kind != Kind::Index => false,
+            (Restore::Early, EarlyIndexes::All) => true,
+            (Restore::Early, EarlyIndexes::Only(names)) => names.contains(&d.name.as_str()),
+        }
+    }
 }
 
 /// Whether a drop went through.
@@ -47,15 +77,16 @@ pub(crate) enum Dropped {
 }
 
 pub(crate) trait SchemaTx: Tx {
+    const EARLY_INDEXES: EarlyIndexes;
     async fn any_procedure(&mut self) -> Result<bool, StoreError>;
     /// What may be dropped; also bounds how long the drops below wait for a reader's lock.
     async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError>;
     async fn drop_deferrable(&mut self, d: &Deferrable) -> Result<Dropped, StoreError>;
     async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError>;
-    /// The restore statements of what was dropped and not yet built again, of `what`.
-    async fn deferred(&mut self, what: Restore) -> Result<Vec<String>, StoreError>;
+    /// What was dropped and not yet built again.
+    async fn deferred(&mut self) -> Result<Vec<Deferred>, StoreError>;
     async fn restore(&mut self, statement: &str) -> Result<(), StoreError>;
-    async fn clear_deferred(&mut self, what: Restore) -> Result<(), StoreError>;
+    async fn forget_deferred(&mut self, name: &str) -> Result<(), StoreError>;
 }
 
 /// Before a pass: when the mirror holds no procedure at all, drops what may be deferred.
@@ -82,16 +113,17 @@ pub(crate) async fn defer(mut tx: impl SchemaTx) -> Result<bool, StoreError> {
 
 /// Builds `what` of what [`defer`] dropped, in one transaction; also what a pass killed before
 /// its end left out. Returns how many indexes and constraints it built.
-pub(crate) async fn restore(mut tx: impl SchemaTx, what: Restore) -> Result<usize, StoreError> {
+pub(crate) async fn restore<T: SchemaTx>(mut tx: T, what: Restore) -> Result<usize, StoreError> {
     let started = Instant::now();
-    let deferred = tx.deferred(what).await?;
+    let mut deferred = tx.deferred().await?;
+    deferred.retain(|d| what.takes(d, T::EARLY_INDEXES));
     if deferred.is_empty() {
         return Ok(0);
     }
-    for statement in &deferred {
-        tx.restore(statement).await?;
+    for d in &deferred {
+        tx.restore(&d.restore).await?;
+        tx.forget_deferred(&d.name).await?;
     }
-    tx.clear_deferred(what).await?;
     tx.commit().await?;
     tracing::info!(
         built = deferred.len(),
@@ -100,4 +132,32 @@ pub(crate) async fn restore(mut tx: impl SchemaTx, what: Restore) -> Result<usiz
         "built the indexes and constraints of the bulk load"
     );
     Ok(deferred.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deferred(name: &str, kind: Kind) -> Deferred {
+        Deferred {
+            name: name.to_owned(),
+            kind,
+            restore: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_early_build_takes_the_cheap_indexes_and_never_a_constraint() {
+        let cheap = EarlyIndexes::Only(&["status"]);
+        let status = deferred("status", Kind::Index);
+        let name = deferred("name", Kind::Index);
+        let fk = deferred("status", Kind::Constraint);
+        assert!(Restore::Early.takes(&status, cheap));
+        assert!(!Restore::Early.takes(&name, cheap));
+        assert!(Restore::Early.takes(&name, EarlyIndexes::All));
+        assert!(!Restore::Early.takes(&fk, EarlyIndexes::All));
+        for d in [&status, &name, &fk] {
+            assert!(Restore::All.takes(d, cheap));
+        }
+    }
 }

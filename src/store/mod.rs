@@ -46,9 +46,6 @@ pub(crate) trait Backend {
     const NAME: &'static str;
     /// Procedures per statement within a batch's transaction.
     const BATCH_ITEMS: usize;
-    /// Whether writing with every index in place costs so little more than with a bulk load's
-    /// indexes deferred that a load Klarify keeps waiting builds them early (sync/pacing.rs).
-    const INDEXES_KEPT_CHEAPLY: bool;
 
     fn migrator(&self) -> &'static sqlx::migrate::Migrator;
     async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError>;
@@ -206,14 +203,6 @@ impl Store {
         }
     }
 
-    /// [`Backend::INDEXES_KEPT_CHEAPLY`].
-    pub fn indexes_kept_cheaply(&self) -> bool {
-        match self.db {
-            Db::Sqlite(_) => SqliteBackend::INDEXES_KEPT_CHEAPLY,
-            Db::Postgres(_) => PgBackend::INDEXES_KEPT_CHEAPLY,
-        }
-    }
-
     /// Cheap readiness check: the database answers and runs the schema this binary expects
     /// (another version of klarify-sync may have migrated it since this one started).
     #[tracing::instrument(skip_all)]
@@ -276,11 +265,12 @@ impl Store {
         on_backend!(self, b => bulk_load::restore(b.begin().await?, Restore::All).await)
     }
 
-    /// Builds the indexes [`Store::defer_for_bulk_load`] dropped, not the foreign keys: what a
-    /// load Klarify keeps waiting builds early, while the readers wait. Returns how many.
+    /// Builds what a load Klarify keeps waiting builds early, while the readers wait: the
+    /// deferred indexes the backend keeps cheaply row by row, never the foreign keys
+    /// ([`bulk_load`]). Returns how many.
     #[tracing::instrument(skip_all)]
-    pub async fn build_deferred_indexes(&self) -> Result<usize, StoreError> {
-        on_backend!(self, b => bulk_load::restore(b.begin().await?, Restore::Indexes).await)
+    pub async fn build_early_indexes(&self) -> Result<usize, StoreError> {
+        on_backend!(self, b => bulk_load::restore(b.begin().await?, Restore::Early).await)
     }
 
     /// After a complete backfill: marks live procedures the run did not see as deleted, unless

@@ -26,10 +26,8 @@ pub(super) const COUNTS: &str = "SELECT \
 pub(super) const ANY_PROCEDURE: &str = "SELECT EXISTS (SELECT 1 FROM procedures)";
 pub(super) const RECORD_DEFERRED: &str =
     "INSERT INTO deferred_schema (name, kind, restore) VALUES ($1, $2, $3)";
-// `$1`: every kind, or only indexes ([`super::bulk_load::Restore`]).
-pub(super) const DEFERRED: &str =
-    "SELECT restore FROM deferred_schema WHERE $1 OR kind = 'index' ORDER BY name";
-pub(super) const CLEAR_DEFERRED: &str = "DELETE FROM deferred_schema WHERE $1 OR kind = 'index'";
+pub(super) const DEFERRED: &str = "SELECT name, kind, restore FROM deferred_schema ORDER BY name";
+pub(super) const FORGET_DEFERRED: &str = "DELETE FROM deferred_schema WHERE name = $1";
 pub(super) const DELETE_UNPROVEN: &str = "DELETE FROM unproven_tie_groups WHERE at = $1";
 pub(super) const LIVE_LANES: &str = "SELECT l.procedure_id, l.lane FROM procedure_lanes l \
      JOIN procedures p ON p.id = l.procedure_id WHERE p.deleted_at IS NULL \
@@ -254,9 +252,8 @@ macro_rules! schema_common {
             Ok(())
         }
 
-        async fn deferred(&mut self, what: Restore) -> Result<Vec<String>, StoreError> {
-            Ok(sqlx::query_scalar(sql::DEFERRED)
-                .bind(what == Restore::All)
+        async fn deferred(&mut self) -> Result<Vec<Deferred>, StoreError> {
+            Ok(sqlx::query_as(sql::DEFERRED)
                 .fetch_all(&mut *self.0)
                 .await?)
         }
@@ -266,9 +263,9 @@ macro_rules! schema_common {
             Ok(())
         }
 
-        async fn clear_deferred(&mut self, what: Restore) -> Result<(), StoreError> {
-            sqlx::query(sql::CLEAR_DEFERRED)
-                .bind(what == Restore::All)
+        async fn forget_deferred(&mut self, name: &str) -> Result<(), StoreError> {
+            sqlx::query(sql::FORGET_DEFERRED)
+                .bind(name)
                 .execute(&mut *self.0)
                 .await?;
             Ok(())

@@ -80,11 +80,12 @@ pub struct PassReport {
     pub duration: Duration,
     /// Into an empty mirror, whose indexes were built once, at the end.
     pub bulk_load: bool,
-    /// A bulk load that Klarify kept waiting, which built its indexes as soon as that showed,
-    /// while its readers waited (pacing.rs), rather than at its end.
+    /// A bulk load that Klarify kept waiting, which built the indexes its backend keeps cheaply
+    /// as soon as that showed, while its readers waited (pacing.rs), rather than at its end.
     pub early_index_build: bool,
     /// Indexes and constraints the bulk load built at its end: all it deferred, or after an
-    /// early build only the foreign keys (PostgreSQL), which are never built early.
+    /// early build what that left (the foreign keys; on SQLite also the name- and id-keyed
+    /// indexes).
     pub built_at_end: usize,
     /// Ranges split off while the pass read, for readers that had run out of ranges
     /// (ranges.rs).
@@ -207,7 +208,7 @@ async fn locked_pass(
         frontier: Frontier::new(&[start]),
         pending: Pending::default(),
         writing: None,
-        early_build: (bulk && store.indexes_kept_cheaply()).then(EarlyBuild::default),
+        early_build: bulk.then(EarlyBuild::default),
         flushed_at: Instant::now(),
         early_index_build: false,
     };
@@ -459,7 +460,7 @@ impl Pass<'_> {
             _ => false,
         };
         if build_first {
-            tracing::info!("Klarify is slower than the database: the bulk load builds its indexes now, while the readers wait");
+            tracing::info!("Klarify is slower than the database: the bulk load builds the indexes it keeps cheaply now, while the readers wait, and the rest at its end");
             self.early_build = None;
             self.early_index_build = true;
         }
@@ -467,7 +468,7 @@ impl Pass<'_> {
         let (store, run, track_seen) = (self.store.clone(), self.run, self.track_seen);
         self.writing = Some(tokio::spawn(async move {
             if build_first {
-                store.build_deferred_indexes().await?;
+                store.build_early_indexes().await?;
             }
             let started = Instant::now();
             let page = PageWrite {

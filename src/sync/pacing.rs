@@ -1,10 +1,10 @@
 //! When a bulk load builds its deferred indexes. Deferring them pays while the database is what
 //! the pass waits for; built at the end, they cost about a second of wall time at 100k
 //! procedures (docs/performance.md). When Klarify is the slower side (latency, a rate limit), the
-//! writer idles between batches: the indexes are built then, while the readers wait on Klarify,
-//! and what is left is written with them in place; where that costs little (PostgreSQL; not
-//! SQLite, `Backend::INDEXES_KEPT_CHEAPLY`). The foreign keys stay for the end: checked row by
-//! row they would cost the writer more than the indexes (`bulk_load::Restore`).
+//! writer idles between batches: then the indexes the backend keeps cheaply row by row are built
+//! (`bulk_load::EarlyIndexes`: all of them on PostgreSQL, those over few distinct values on
+//! SQLite), while the readers wait on Klarify, and what is left is written with them in place.
+//! The foreign keys, and SQLite's name- and id-keyed indexes, stay for the end.
 
 use std::time::Duration;
 

@@ -56,7 +56,6 @@ impl Backend for PgBackend {
     // The server's work does not depend on it; klarify-sync's memory does: the arrays of a
     // statement hold about a megabyte per 1,000 procedures.
     const BATCH_ITEMS: usize = 1000;
-    const INDEXES_KEPT_CHEAPLY: bool = true;
 
     sql::backend_common!();
 

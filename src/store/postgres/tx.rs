@@ -7,7 +7,7 @@ use sqlx::postgres::PgDatabaseError;
 use sqlx::{Executor, FromRow, Postgres as Pg, Row, Transaction};
 use time::OffsetDateTime;
 
-use super::super::bulk_load::{Deferrable, Dropped, Restore, SchemaTx};
+use super::super::bulk_load::{Deferrable, Deferred, Dropped, EarlyIndexes, SchemaTx};
 use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
 use super::super::sweep::SweepTx;
 use super::super::write::{calls, lanes, Stored, Version, WriteTx};
@@ -242,6 +242,10 @@ impl WriteTx for PgTx {
 }
 
 impl SchemaTx for PgTx {
+    /// Each index insert is a descent of its tree in shared buffers, which hold them all at the
+    /// sizes measured (docs/performance.md).
+    const EARLY_INDEXES: EarlyIndexes = EarlyIndexes::All;
+
     sql::schema_common!();
 
     /// Also the foreign keys of lanes and calls: each row's check is a locking lookup of its

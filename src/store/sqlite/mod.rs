@@ -109,10 +109,6 @@ impl Backend for SqliteBackend {
     // The whole batch in each table's statements: with a small page cache, one table at a time
     // for all of it keeps that table's pages hot (docs/performance.md).
     const BATCH_ITEMS: usize = usize::MAX;
-    // The indexes keyed by names and ids outgrow the page cache: kept row by row from early in
-    // a load, they cost several times the system time and make the writer the bound even at
-    // 50 ms a request; built late in the load, they save nothing (docs/performance.md).
-    const INDEXES_KEPT_CHEAPLY: bool = false;
 
     sql::backend_common!();
 

@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Executor, FromRow, Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
-use super::super::bulk_load::{Deferrable, Dropped, Restore, SchemaTx};
+use super::super::bulk_load::{Deferrable, Deferred, Dropped, EarlyIndexes, SchemaTx};
 use super::super::model::{ProcRow, RejectRow, UnprovenGroup};
 use super::super::sweep::SweepTx;
 use super::super::write::{calls, lanes, Stored, Version, WriteTx};
@@ -244,6 +244,18 @@ impl WriteTx for SqliteTx {
 }
 
 impl SchemaTx for SqliteTx {
+    /// Indexes over few distinct values, or over values arriving nearly in write order: their
+    /// inserts land on a few pages that stay in the cache. Those keyed by names and ids land all
+    /// over their trees, which outgrow the 8 MiB cache: kept row by row they make the writer
+    /// the bound even at 50 ms a request (docs/performance.md), so they wait for the end.
+    const EARLY_INDEXES: EarlyIndexes = EarlyIndexes::Only(&[
+        "procedures_live",
+        "procedures_owner",
+        "procedures_status",
+        "procedures_updated_at",
+        "procedure_lanes_lane",
+    ]);
+
     sql::schema_common!();
 
     /// In WAL mode readers never hold up a writer, DDL included: no lock timeout to set.
