@@ -15,10 +15,10 @@ use super::{StoreError, Tx};
 /// unique constraint (the writes rely on those).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Deferrable {
-    pub name: String,
-    pub kind: Kind,
+    /// What `deferred_schema` records of it.
+    #[sqlx(flatten)]
+    pub object: Deferred,
     pub drop: String,
-    pub restore: String,
 }
 
 /// What a deferred object is, as `deferred_schema.kind` says.
@@ -82,7 +82,7 @@ pub(crate) trait SchemaTx: Tx {
     /// What may be dropped; also bounds how long the drops below wait for a reader's lock.
     async fn deferrable(&mut self) -> Result<Vec<Deferrable>, StoreError>;
     async fn drop_deferrable(&mut self, d: &Deferrable) -> Result<Dropped, StoreError>;
-    async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError>;
+    async fn record_deferred(&mut self, d: &Deferred) -> Result<(), StoreError>;
     /// What was dropped and not yet built again.
     async fn deferred(&mut self) -> Result<Vec<Deferred>, StoreError>;
     async fn restore(&mut self, statement: &str) -> Result<(), StoreError>;
@@ -96,12 +96,12 @@ pub(crate) async fn defer(mut tx: impl SchemaTx) -> Result<bool, StoreError> {
         return Ok(false);
     }
     for d in tx.deferrable().await? {
-        tx.record_deferred(&d).await?;
+        tx.record_deferred(&d.object).await?;
         if tx.drop_deferrable(&d).await? == Dropped::Blocked {
             // Waiting would make every query after it queue behind the drop; the load keeps the
             // indexes, and the transaction's rollback keeps what was dropped before.
             tracing::info!(
-                index = d.name,
+                index = d.object.name,
                 "a reader holds the mirrored tables: this bulk load writes its indexes row by row"
             );
             return Ok(false);

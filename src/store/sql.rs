@@ -242,7 +242,7 @@ macro_rules! schema_common {
                 .await?)
         }
 
-        async fn record_deferred(&mut self, d: &Deferrable) -> Result<(), StoreError> {
+        async fn record_deferred(&mut self, d: &Deferred) -> Result<(), StoreError> {
             sqlx::query(sql::RECORD_DEFERRED)
                 .bind(&d.name)
                 .bind(d.kind)
